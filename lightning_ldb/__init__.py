@@ -1,0 +1,19 @@
+"""lightning-ldb: LayerDropBack (LDB) for PyTorch Lightning."""
+
+from lightning_ldb.callback import LayerDropBackCallback
+from lightning_ldb.datamodule import LDBDataModuleMixin
+from lightning_ldb.layers import Layer, discover_layers, select_candidates
+from lightning_ldb.sampling import draw_dropped
+from lightning_ldb.schedule import is_drop_epoch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LDBDataModuleMixin",
+    "Layer",
+    "LayerDropBackCallback",
+    "discover_layers",
+    "draw_dropped",
+    "is_drop_epoch",
+    "select_candidates",
+]

@@ -1,0 +1,123 @@
+"""Tiny models and data for real Trainer runs in the tests."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_ldb import LDBDataModuleMixin
+
+
+def make_dataset(n: int = 64, features: int = 8, seed: int = 0) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=generator)
+    y = (x.sum(dim=1, keepdim=True) > 0).float()
+    return TensorDataset(x, y)
+
+
+class TinyMLP(LightningModule):
+    """Eight Linear layers (plus a BatchNorm), so keep_first=4/keep_last=1 leave candidates."""
+
+    def __init__(
+        self,
+        features: int = 8,
+        width: int = 8,
+        depth: int = 8,
+        optimizer: str = "sgd",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-2,
+        scheduler: Optional[str] = None,
+        batch_size: int = 16,
+        n: int = 64,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        layers: list[nn.Module] = [nn.Linear(features, width), nn.BatchNorm1d(width), nn.ReLU()]
+        for _ in range(depth - 2):
+            layers += [nn.Linear(width, width), nn.Tanh()]
+        layers.append(nn.Linear(width, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self(x), y))
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        elif hp.optimizer == "plain_sgd":
+            opt = torch.optim.SGD(self.parameters(), lr=hp.lr)
+        else:
+            opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.scheduler is None:
+            return opt
+        if hp.scheduler == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=3, eta_min=0.01)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        if hp.scheduler == "lambda_step":
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        raise ValueError(hp.scheduler)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(make_dataset(self.hparams.n), batch_size=self.hparams.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(make_dataset(32, seed=1), batch_size=16)
+
+
+class TinyDataModule(LDBDataModuleMixin, LightningDataModule):
+    """A DataModule with the mixin: its train loader is built from ``self.batch_size``."""
+
+    def __init__(self, batch_size: int = 8, n: int = 64, drop_last: bool = False) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.n = n
+        self.drop_last = drop_last
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(make_dataset(self.n), batch_size=self.batch_size, drop_last=self.drop_last)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(make_dataset(32, seed=1), batch_size=self.batch_size)
+
+
+def make_trainer(max_epochs: int = 4, callbacks: Optional[list] = None, **kwargs: Any) -> Trainer:
+    defaults: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    defaults.update(kwargs)
+    return Trainer(max_epochs=max_epochs, callbacks=callbacks or [], **defaults)
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def params_of_layers(module: nn.Module, layer_names: tuple[str, ...]) -> list[str]:
+    """Parameter names owned directly by the named modules."""
+    names = []
+    for layer in layer_names:
+        sub = module.get_submodule(layer)
+        names += [f"{layer}.{n}" if layer else n for n, _ in sub.named_parameters(recurse=False)]
+    return names
