@@ -5,6 +5,7 @@ from lightning_ldb.datamodule import LDBDataModuleMixin
 from lightning_ldb.layers import Layer, discover_layers, select_candidates
 from lightning_ldb.sampling import draw_dropped
 from lightning_ldb.schedule import is_drop_epoch
+from lightning_ldb.steps import estimated_stepping_batches
 
 __version__ = "0.1.0"
 
@@ -14,6 +15,7 @@ __all__ = [
     "LayerDropBackCallback",
     "discover_layers",
     "draw_dropped",
+    "estimated_stepping_batches",
     "is_drop_epoch",
     "select_candidates",
 ]

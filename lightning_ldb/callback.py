@@ -109,6 +109,7 @@ class LayerDropBackCallback(Callback):
         self._lr = StepLRScaler(before_step=self._before_optimizer_step)
         self._strategy = strategies.NoOpAdapter()
         self._timer = _EpochTimer()
+        self._batch_scaling_active = False
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -131,13 +132,18 @@ class LayerDropBackCallback(Callback):
         """The seed of LDB's private generator, once resolved in ``setup``."""
         return self._seed
 
+    @property
+    def batch_scaling_active(self) -> bool:
+        """Whether DROP epochs load ``batch_scale`` times larger batches (a mixin serves the train loader)."""
+        return self._batch_scaling_active
+
     def is_drop_epoch(self, epoch: int) -> bool:
         """Whether ``epoch`` is a DROP epoch under this callback's ``every``."""
         return is_drop_epoch(epoch, self.every)
 
     def batch_size_for_epoch(self, epoch: int, base: int) -> int:
         """The training batch size of ``epoch``: ``base * batch_scale`` on DROP epochs, else ``base``."""
-        return base * self.batch_scale if self.is_drop_epoch(epoch) else base
+        return base * self.batch_scale if self.batch_scale > 1 and self.is_drop_epoch(epoch) else base
 
     # ------------------------------------------------------------------ setup and teardown
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -256,10 +262,12 @@ class LayerDropBackCallback(Callback):
     def _check_batch_scaling(self, trainer: Trainer, pl_module: LightningModule) -> None:
         from lightning_ldb.datamodule import LDBDataModuleMixin, enable_batch_scaling
 
+        self._batch_scaling_active = False
         if self.batch_scale == 1:
             return
         if isinstance(trainer.datamodule, LDBDataModuleMixin) or isinstance(pl_module, LDBDataModuleMixin):
             enable_batch_scaling(trainer)
+            self._batch_scaling_active = True
             return
         rank_zero_warn(
             f"LayerDropBackCallback(batch_scale={self.batch_scale}): the DROP-epoch batch size stays unscaled,"

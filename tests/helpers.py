@@ -73,7 +73,7 @@ class TinyMLP(LightningModule):
         raise ValueError(hp.scheduler)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(make_dataset(self.hparams.n), batch_size=self.hparams.batch_size)
+        return ResumableLoader(make_dataset(self.hparams.n), batch_size=self.hparams.batch_size)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(make_dataset(32, seed=1), batch_size=16)
@@ -89,10 +89,32 @@ class TinyDataModule(LDBDataModuleMixin, LightningDataModule):
         self.drop_last = drop_last
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(make_dataset(self.n), batch_size=self.batch_size, drop_last=self.drop_last)
+        return ResumableLoader(make_dataset(self.n), batch_size=self.batch_size, drop_last=self.drop_last)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(make_dataset(32, seed=1), batch_size=self.batch_size)
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that resumes mid-epoch from Lightning's checkpoint (deterministic order only)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._served = 0
+        self._skip = 0
+
+    def __iter__(self):  # type: ignore[override]
+        skip, self._skip, self._served = self._skip, 0, 0
+        for index, batch in enumerate(super().__iter__()):
+            if index >= skip:
+                self._served = index + 1
+                yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"served": self._served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._skip = state["served"]
 
 
 def make_trainer(max_epochs: int = 4, callbacks: Optional[list] = None, **kwargs: Any) -> Trainer:
