@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any, Optional
 
-import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -19,6 +17,7 @@ from lightning_ldb.layers import GRANULARITIES, Layer, discover_layers, select_c
 from lightning_ldb.lr_scaling import StepLRScaler
 from lightning_ldb.sampling import draw_dropped, fresh_seed, global_seed
 from lightning_ldb.schedule import DROP, FULL, epoch_mode, is_drop_epoch
+from lightning_ldb.timing import EpochTimer
 
 RESAMPLE_MODES = ("epoch", "step")
 
@@ -108,7 +107,7 @@ class LayerDropBackCallback(Callback):
         self._freezer = ParameterFreezer()
         self._lr = StepLRScaler(before_step=self._before_optimizer_step)
         self._strategy = strategies.NoOpAdapter()
-        self._timer = _EpochTimer()
+        self._timer = EpochTimer()
         self._batch_scaling_active = False
 
     # ------------------------------------------------------------------ introspection
@@ -167,22 +166,13 @@ class LayerDropBackCallback(Callback):
         self._enter_epoch(trainer, trainer.current_epoch)
         self._timer.start(pl_module)
 
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._release(trainer)
-        self._lr.detach()
-
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
-            self._freezer.restore()
-            self._dropped = ()
-            self._lr.detach()
+            self._restore_user_state()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # Whatever went wrong (KeyboardInterrupt included), leave every flag and lr as the user set them.
-        self._freezer.restore()
-        self._dropped = ()
-        self._draw_key = None
-        self._lr.detach()
+        self._restore_user_state()
 
     # ------------------------------------------------------------------ per epoch and step
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -308,44 +298,14 @@ class LayerDropBackCallback(Callback):
         self._draw_key = None
         self._strategy.on_trainable_set_changed(trainer, None, ())
 
+    def _restore_user_state(self) -> None:
+        # Local only, no collective: on failure the other ranks may be gone.
+        self._freezer.restore()
+        self._dropped = ()
+        self._draw_key = None
+        self._lr.detach()
+
     def _before_optimizer_step(self, optimizer: Optimizer) -> None:
         # A ``zero_grad(set_to_none=False)`` would leave dropped parameters a zero tensor gradient,
         # which momentum and weight decay still act on.
         self._freezer.clear_grads()
-
-
-class _EpochTimer:
-    """Wall-clock seconds of a training epoch, validation inside the epoch excluded."""
-
-    def __init__(self) -> None:
-        self.elapsed = 0.0
-        self._start: Optional[float] = None
-        self._paused_at: Optional[float] = None
-        self._paused = 0.0
-
-    def start(self, pl_module: LightningModule) -> None:
-        _synchronize(pl_module)
-        self.elapsed, self._paused, self._paused_at = 0.0, 0.0, None
-        self._start = time.perf_counter()
-
-    def lap(self, pl_module: LightningModule, last: bool) -> None:
-        if self._start is None:
-            return
-        if last:
-            _synchronize(pl_module)
-        self.elapsed = time.perf_counter() - self._start - self._paused
-
-    def pause(self) -> None:
-        if self._start is not None:
-            self._paused_at = time.perf_counter()
-
-    def resume(self) -> None:
-        if self._paused_at is not None:
-            self._paused += time.perf_counter() - self._paused_at
-            self._paused_at = None
-
-
-def _synchronize(pl_module: LightningModule) -> None:
-    # Asynchronous CUDA kernels would otherwise be billed to whichever epoch waits for them.
-    if pl_module.device.type == "cuda":
-        torch.cuda.synchronize(pl_module.device)
