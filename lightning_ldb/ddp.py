@@ -1,47 +1,379 @@
-"""LDB under DistributedDataParallel.
+"""LDB under DistributedDataParallel: rank-consistent drops, and no all-reduce for dropped layers.
 
-DDP builds its gradient reducer from the parameters that are trainable when it wraps the model.
-Freezing afterwards with ``find_unused_parameters=False`` fails on the next forward ("Expected to
-have finished reduction"), so LDB turns ``find_unused_parameters`` on before the wrap: frozen
-parameters are then marked ready, keep ``grad=None`` and stay bitwise unchanged on every rank.
+DDP builds its gradient reducer from the parameters that are trainable *when it wraps the model*,
+and by default expects every one of them to receive a gradient on every step. LDB changes which
+parameters are trainable while training runs, so it has to tell DDP. It picks one of three
+*communication methods* (see ``docs/ddp.md`` for the measurements behind the choice):
+
+``"rewrap"`` (``resample="epoch"``, the default)
+    When a DROP epoch starts and when it ends, LDB builds a fresh DDP wrapper through the
+    strategy's own :meth:`~lightning.pytorch.strategies.DDPStrategy.configure_ddp`. The new
+    reducer holds exactly the parameters that are trainable now, so DROP epochs all-reduce only
+    those, and ``find_unused_parameters`` can stay ``False`` (no graph traversal per step). Cost:
+    two DDP constructions per DROP epoch, each a collective that broadcasts the module state
+    from rank 0 (which also re-synchronises any weight that drifted).
+``"hook"`` (``resample="step"``)
+    The dropped set changes every optimizer step, far too often to rebuild DDP. LDB turns on
+    ``find_unused_parameters`` before the wrap (dropped parameters are then marked ready and keep
+    ``grad=None``) and registers a communication hook that packs the trainable parameters'
+    gradients of each bucket into one tensor and all-reduces only that.
+``"find_unused"`` (fallback)
+    Only ``find_unused_parameters=True``: correct, but the dropped layers' zero-filled bucket slots
+    are still all-reduced. Used when the user configured a DDP communication hook of their own
+    (DDP accepts one hook per wrapper, and a stateful hook such as PowerSGD keeps per-bucket state
+    that a re-wrap would invalidate).
+
+The environment variable ``LDB_DDP_COMMUNICATION`` (``auto``, ``rewrap``, ``hook`` or
+``find_unused``) overrides the choice; it is inherited by every launched rank.
+
+Every rank must drop the same layers at the same time. The draws are a pure function of
+``(seed, epoch[, step])`` and the seed is broadcast from rank 0, so they agree by construction;
+:class:`CrossRankDrawCheck` verifies it cheaply (one all-gather of a 63-bit digest per check) and
+raises on every rank at once if they ever disagree.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+import hashlib
+import os
+from typing import TYPE_CHECKING, Any, Optional
 
+import torch
+import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
+from torch.nn.parallel import DistributedDataParallel
 
 if TYPE_CHECKING:
     from lightning_ldb.callback import LayerDropBackCallback
 
+#: Environment variable that overrides the communication method LDB picks under DDP.
+COMMUNICATION_ENV = "LDB_DDP_COMMUNICATION"
+#: The communication methods, ``"auto"`` first.
+COMMUNICATION_METHODS = ("auto", "rewrap", "hook", "find_unused")
+
+DrawKey = Optional[tuple[int, Optional[int]]]
+
+
+def choose_communication(strategy: DDPStrategy, resample: str, requested: str = "auto") -> str:
+    """The communication method LDB uses under ``strategy``.
+
+    Args:
+        strategy: The run's DDP strategy (read only).
+        resample: The callback's ``resample`` (``"epoch"`` or ``"step"``).
+        requested: ``"auto"`` or one of the methods, e.g. from ``LDB_DDP_COMMUNICATION``.
+
+    Returns:
+        ``"rewrap"``, ``"hook"`` or ``"find_unused"``.
+
+    Raises:
+        ValueError: If ``requested`` is not one of :data:`COMMUNICATION_METHODS`, if it is
+            ``"hook"`` while the strategy has a comm hook of its own, or if the strategy uses
+            ``static_graph=True`` with a method that changes the trainable set under a live wrapper.
+    """
+    if requested not in COMMUNICATION_METHODS:
+        raise ValueError(
+            f"{COMMUNICATION_ENV}={requested!r} is not a communication method LDB knows; use one of"
+            f" {', '.join(COMMUNICATION_METHODS)} (or unset it)."
+        )
+    # No public getter exists for the DDP kwargs or the comm hook; both are read, never written, here.
+    kwargs = strategy._ddp_kwargs
+    user_comm_hook = strategy._ddp_comm_hook is not None or strategy._ddp_comm_state is not None
+    if requested == "hook" and user_comm_hook:
+        raise ValueError(
+            f"{COMMUNICATION_ENV}='hook' cannot be used together with a ddp_comm_hook/ddp_comm_state on the"
+            " DDPStrategy: DDP accepts one communication hook per wrapper. Unset the variable (LDB then keeps your"
+            " hook and only sets find_unused_parameters=True) or remove the strategy's comm hook."
+        )
+    if requested != "auto":
+        method = requested
+    elif user_comm_hook:
+        method = "find_unused"
+    else:
+        method = "rewrap" if resample == "epoch" else "hook"
+    if method != "rewrap" and kwargs.get("static_graph"):
+        if requested != "auto":
+            reason = f"{COMMUNICATION_ENV}={requested!r} keeps one wrapper"
+        elif user_comm_hook:
+            reason = "you configured a DDP communication hook, which LDB does not re-register on a new wrapper"
+        else:
+            reason = f"resample={resample!r} changes the dropped layers every step"
+        raise ValueError(
+            f"LayerDropBackCallback cannot run under DDPStrategy(static_graph=True) here: {reason}, and a static"
+            " graph rejects any change of the trainable parameters under a live wrapper. Use"
+            " DDPStrategy(static_graph=False), or LayerDropBackCallback(resample='epoch') without a ddp_comm_hook"
+            " (LDB then builds a fresh wrapper whenever the trainable set changes, which static_graph accepts)."
+        )
+    return method
+
 
 class DDPAdapter:
-    """Configures DDP for a changing trainable set."""
+    """Keeps DistributedDataParallel consistent with LDB's changing set of trainable parameters.
+
+    Args:
+        callback: The LDB callback this adapter serves (its ``resample`` decides the method).
+    """
 
     def __init__(self, callback: LayerDropBackCallback) -> None:
         self.callback = callback
+        self.method = "rewrap"
+        self.check = CrossRankDrawCheck(per_draw=callback.resample == "epoch")
+        # The trainable parameters the current wrapper reduces, and that wrapper; ``None``: unknown.
+        self._wrapped_trainable: Optional[tuple[int, ...]] = None
+        self._wrapper: Optional[DistributedDataParallel] = None
+        self._hooked_wrapper: Optional[DistributedDataParallel] = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Choose the communication method and configure DDP before it wraps the model.
+
+        Raises:
+            ValueError: If the strategy's DDP settings cannot serve LDB (see :func:`choose_communication`).
+        """
         strategy = trainer.strategy
         assert isinstance(strategy, DDPStrategy)
-        # No public setter exists; the kwargs are read when the strategy wraps the model, after this hook.
+        requested = os.environ.get(COMMUNICATION_ENV, "auto").strip().lower() or "auto"
+        self.method = choose_communication(strategy, self.callback.resample, requested)
+        self._wrapped_trainable = None
+        self._wrapper = None
+        self._hooked_wrapper = None
+        # No public setter exists; Lightning reads these kwargs when it wraps the model, after this hook.
         kwargs = strategy._ddp_kwargs
-        if kwargs.get("static_graph"):
-            raise ValueError(
-                "LayerDropBackCallback cannot run under DDP with static_graph=True: DDP then rejects any change of"
-                " the trainable parameters. Use DDPStrategy(static_graph=False)."
-            )
-        if not kwargs.get("find_unused_parameters"):
+        forced = ""
+        if self.method in ("hook", "find_unused") and not kwargs.get("find_unused_parameters"):
             kwargs["find_unused_parameters"] = True
+            forced = " set DDP's find_unused_parameters=True (dropped layers get no gradient) and"
+        if self.method == "rewrap":
             rank_zero_info(
-                "LayerDropBackCallback: set DDP's find_unused_parameters=True, so that DDP accepts layers frozen"
-                " during DROP epochs."
+                "LayerDropBackCallback: under DDP, LDB builds a fresh DistributedDataParallel wrapper when a DROP"
+                " epoch starts and when it ends, so DROP epochs all-reduce only the gradients of trainable layers."
+            )
+        elif self.method == "hook":
+            rank_zero_info(
+                f"LayerDropBackCallback(resample={self.callback.resample!r}):{forced} registers a DDP communication"
+                " hook that all-reduces only the gradients of trainable layers."
+            )
+        else:
+            why = (
+                f"{COMMUNICATION_ENV}=find_unused"
+                if requested == "find_unused"
+                else "the strategy has its own ddp_comm_hook, which LDB neither replaces nor re-registers"
+            )
+            rank_zero_info(
+                f"LayerDropBackCallback ({why}):{forced or ' uses DDP with find_unused_parameters=True and'} leaves"
+                " DDP's communication as configured: dropped layers' (zero) gradient slots are still all-reduced."
             )
 
-    def on_trainable_set_changed(
-        self, trainer: Trainer, draw_key: Optional[tuple[int, Optional[int]]], dropped: tuple[str, ...]
+    def on_trainable_set_changed(self, trainer: Trainer, draw_key: DrawKey, dropped: tuple[str, ...]) -> None:
+        """Check that every rank agrees on the draw, then bring DDP in line with the new trainable set.
+
+        Args:
+            trainer: The running trainer (after the strategy wrapped the model).
+            draw_key: ``(epoch, step or None)`` of the draw, or ``None`` when LDB released every layer.
+            dropped: Names of the layers dropped now (empty on release).
+
+        Raises:
+            RuntimeError: If the ranks disagree on the dropped layers (raised on every rank).
+        """
+        strategy = trainer.strategy
+        if draw_key is None:
+            self.check.on_release(strategy)
+        else:
+            self.check.on_draw(strategy, draw_key, dropped)
+        model = strategy.model
+        if not isinstance(model, DistributedDataParallel):
+            return  # not wrapped (yet): the wrap will see the current flags
+        if self.method == "rewrap":
+            self._rewrap(strategy, model)
+        elif self.method == "hook" and self._hooked_wrapper is not model:
+            model.register_comm_hook(state=model.process_group, hook=allreduce_trainable_only)
+            self._hooked_wrapper = model
+
+    def _rewrap(self, strategy: DDPStrategy, wrapper: DistributedDataParallel) -> None:
+        module = strategy.lightning_module
+        assert module is not None
+        trainable = tuple(id(p) for p in module.parameters() if p.requires_grad)
+        if wrapper is self._wrapper and trainable == self._wrapped_trainable:
+            return  # this wrapper already reduces exactly these parameters
+        # ``configure_ddp`` (public) wraps ``strategy.model`` with the strategy's own DDP kwargs and registers its
+        # CUDA comm hooks, exactly as at the start of fit. It asserts an unwrapped LightningModule first.
+        strategy.model = module
+        strategy.configure_ddp()
+        new_wrapper = strategy.model
+        assert isinstance(new_wrapper, DistributedDataParallel)
+        # ``Module.train()`` would recurse into the LightningModule; only the wrapper's own flag is copied.
+        new_wrapper.training = wrapper.training
+        # Lightning runs DDP's first-iteration static-graph flush once per strategy (manual optimization only);
+        # a new wrapper has a new first iteration. Private flag, no public reset exists.
+        if hasattr(strategy, "_pl_static_graph_delay_done"):
+            strategy._pl_static_graph_delay_done = False
+        # The old reducer's autograd hooks stay inert (its forward is never called again) and go with it; removing
+        # them now frees them without waiting for the garbage collector (private, absent in older torch).
+        remove_hooks = getattr(wrapper, "_remove_autograd_hooks", None)
+        if callable(remove_hooks):
+            remove_hooks()
+        self._wrapper = new_wrapper
+        self._wrapped_trainable = trainable
+
+
+def allreduce_trainable_only(
+    process_group: Optional[dist.ProcessGroup], bucket: dist.GradBucket
+) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook: average only the gradients of parameters that require a gradient now.
+
+    With ``find_unused_parameters=True`` the slots of frozen (dropped) parameters in a bucket are
+    zero and DDP leaves their ``grad`` as ``None``; all-reducing them only costs bandwidth. This hook
+    packs the trainable slots into one tensor, all-reduces that, and unpacks the average. A bucket
+    with no trainable parameter is not communicated at all; a fully trainable one is all-reduced
+    in place, exactly like DDP's default hook. Every rank must have the same parameters frozen,
+    which :class:`CrossRankDrawCheck` verifies.
+
+    Args:
+        process_group: The group to average over (``None``: the default group).
+        bucket: The gradient bucket DDP hands over.
+
+    Returns:
+        A future holding the bucket's flat buffer with the averaged gradients.
+    """
+    group = process_group if process_group is not None else dist.group.WORLD
+    world_size = dist.get_world_size(group)
+    buffer = bucket.buffer()
+    gradients = bucket.gradients()
+    trainable = [grad for param, grad in zip(bucket.parameters(), gradients) if param.requires_grad]
+    if len(trainable) == len(gradients):
+        buffer.div_(world_size)
+        return dist.all_reduce(buffer, group=group, async_op=True).get_future().then(lambda fut: fut.value()[0])
+    if not trainable:
+        done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        done.set_result(buffer)
+        return done
+    packed = torch.cat([grad.reshape(-1) for grad in trainable]).div_(world_size)
+
+    def unpack(fut: torch.futures.Future[Any]) -> torch.Tensor:
+        averaged = fut.value()[0]
+        offset = 0
+        for grad in trainable:
+            grad.copy_(averaged[offset : offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
+        return buffer
+
+    return dist.all_reduce(packed, group=group, async_op=True).get_future().then(unpack)
+
+
+# DDP's ``register_comm_hook`` compares the hook's annotations with the real types; ``from __future__ import
+# annotations`` turned them into strings, so they are restored here.
+allreduce_trainable_only.__annotations__ = {
+    "process_group": Optional[dist.ProcessGroup],
+    "bucket": dist.GradBucket,
+    "return": torch.futures.Future[torch.Tensor],
+}
+
+
+def draw_digest(draw_key: tuple[int, Optional[int]], dropped: tuple[str, ...]) -> int:
+    """A 63-bit digest of a draw: its key and the names it dropped.
+
+    Example::
+
+        >>> draw_digest((2, None), ("net.7",)) == draw_digest((2, None), ("net.7",))
+        True
+        >>> draw_digest((2, None), ("net.7",)) == draw_digest((2, None), ("net.9",))
+        False
+    """
+    text = f"{draw_key!r}|{'|'.join(dropped)}".encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+
+
+class CrossRankDrawCheck:
+    """Verifies that every rank dropped the same layers, at one all-gather of 8 bytes per check.
+
+    Args:
+        per_draw: ``True``: check every draw as it is made (one draw per DROP epoch with
+            ``resample="epoch"``). ``False`` (``resample="step"``): check the first draw of each
+            DROP epoch at once and fold the later ones into a running digest that is checked when
+            the epoch releases its layers, so that a per-step draw costs no collective, and no
+            device synchronisation, of its own.
+    """
+
+    def __init__(self, per_draw: bool) -> None:
+        self.per_draw = per_draw
+        self._epoch: Optional[int] = None
+        self._running: Optional[int] = None
+        self._history: list[tuple[tuple[int, Optional[int]], tuple[str, ...]]] = []
+
+    def on_draw(self, strategy: Any, draw_key: tuple[int, Optional[int]], dropped: tuple[str, ...]) -> None:
+        """Record (and, when due, check) a draw.
+
+        Raises:
+            RuntimeError: If the ranks disagree.
+        """
+        epoch = draw_key[0]
+        if self._running is not None and epoch != self._epoch:
+            self.on_release(strategy)  # a draw of a new epoch without a release in between: settle the old one
+        digest = draw_digest(draw_key, dropped)
+        if self.per_draw or epoch != self._epoch:
+            self._epoch = epoch
+            self._verify(strategy, digest, [(draw_key, dropped)])
+            return
+        self._history.append((draw_key, dropped))
+        previous = self._running if self._running is not None else 0
+        self._running = draw_digest((epoch, previous), (str(digest),))
+
+    def on_release(self, strategy: Any) -> None:
+        """Check the draws folded since the last check, if any.
+
+        Raises:
+            RuntimeError: If the ranks disagree.
+        """
+        if self._running is None:
+            return
+        digest, history = self._running, self._history
+        self._running, self._history = None, []
+        self._verify(strategy, digest, history)
+
+    def _verify(
+        self, strategy: Any, digest: int, history: list[tuple[tuple[int, Optional[int]], tuple[str, ...]]]
     ) -> None:
-        pass
+        if strategy.world_size <= 1 or not dist.is_initialized():
+            return
+        # ``torch.distributed.all_gather`` rather than ``strategy.all_gather``, whose autograd-aware path warns
+        # about a deprecated torch function on every call. The tensor lives on the device NCCL needs.
+        local = torch.tensor([digest], dtype=torch.int64, device=strategy.root_device)
+        gathered = [torch.empty_like(local) for _ in range(strategy.world_size)]
+        dist.all_gather(gathered, local)
+        digests = [int(tensor.item()) for tensor in gathered]
+        if len(set(digests)) == 1:
+            return
+        # Every rank sees the mismatch, so all of them take this path together and the collective below pairs up.
+        histories: list[Any] = [None] * len(digests)
+        dist.all_gather_object(histories, history)
+        raise RuntimeError(_disagreement_message(self._epoch, histories))
+
+
+def _disagreement_message(epoch: Optional[int], histories: list[Any]) -> str:
+    """Describe the first draw in which some rank differs from rank 0."""
+    reference = histories[0]
+    detail = ""
+    for rank, history in enumerate(histories[1:], start=1):
+        for index in range(max(len(reference), len(history))):
+            ours = reference[index] if index < len(reference) else None
+            theirs = history[index] if index < len(history) else None
+            if ours != theirs:
+                key = (ours or theirs)[0]
+                step = f" at step {key[1]}" if key[1] is not None else ""
+                detail = f"{step}: rank 0 dropped {_describe(ours)}, rank {rank} dropped {_describe(theirs)}"
+                break
+        if detail:
+            break
+    return (
+        f"LayerDropBackCallback: the ranks disagree on the layers dropped in epoch {epoch}{detail}. Gradients of a layer"
+        " dropped on some ranks only are still averaged, so it would train anyway and the ranks would diverge. Give"
+        " every rank the same model and the same LayerDropBackCallback arguments (drop_rate, keep_first, keep_last,"
+        " include, exclude, granularity, resample); the seed is broadcast from rank 0."
+    )
+
+
+def _describe(entry: Any) -> str:
+    if entry is None:
+        return "nothing (no draw)"
+    key, dropped = entry
+    return f"{list(dropped)} (draw key {key})"

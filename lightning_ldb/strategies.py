@@ -6,13 +6,25 @@ configure the strategy, and afterwards every time LDB changes which parameters a
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Protocol
 
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, XLAStrategy
 
 if TYPE_CHECKING:
     from lightning_ldb.callback import LayerDropBackCallback
+
+
+class StrategyAdapter(Protocol):
+    """What the callback asks of an adapter."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Check and configure the strategy; runs in the callback's ``setup``, before the model is wrapped."""
+
+    def on_trainable_set_changed(
+        self, trainer: Trainer, draw_key: Optional[tuple[int, Optional[int]]], dropped: tuple[str, ...]
+    ) -> None:
+        """LDB just froze ``dropped`` for draw ``draw_key``, or (``draw_key=None``) released every layer."""
 
 
 class NoOpAdapter:
@@ -27,17 +39,32 @@ class NoOpAdapter:
         pass
 
 
-def adapter_for(trainer: Trainer, callback: LayerDropBackCallback) -> NoOpAdapter:
-    """The adapter for ``trainer.strategy``; raises ``ValueError`` for a strategy LDB cannot serve."""
+#: Strategies built on ``DDPStrategy`` that do not wrap the model in ``DistributedDataParallel``.
+_NOT_DDP_WRAPPERS = (DeepSpeedStrategy, XLAStrategy)
+
+
+def adapter_for(trainer: Trainer, callback: LayerDropBackCallback) -> StrategyAdapter:
+    """The adapter for ``trainer.strategy``.
+
+    Args:
+        trainer: The trainer being set up.
+        callback: The LDB callback the adapter serves.
+
+    Raises:
+        ValueError: If LDB cannot serve the strategy (FSDP, DeepSpeed, XLA, model parallel, ...).
+    """
     strategy = trainer.strategy
     if type(strategy) is SingleDeviceStrategy:
         return NoOpAdapter()
-    if isinstance(strategy, DDPStrategy):
+    if isinstance(strategy, DDPStrategy) and not isinstance(strategy, _NOT_DDP_WRAPPERS):
         from lightning_ldb.ddp import DDPAdapter
 
         return DDPAdapter(callback)
     raise ValueError(
-        f"LayerDropBackCallback does not support strategy {type(strategy).__name__}: it changes which parameters"
-        " are trainable between epochs, which sharded strategies (FSDP, DeepSpeed, model parallel) do not allow."
-        " Use a single device, strategy='ddp' or strategy='ddp_spawn'."
+        f"LayerDropBackCallback does not support strategy {type(strategy).__name__}: LDB drops layers by setting"
+        " `requires_grad=False` on their parameters between steps, and sharded or compiled strategies (FSDP, DeepSpeed,"
+        " XLA, model parallel) flatten, shard or trace the parameters so that per-layer flags cannot change under them."
+        " Use a single device, or strategy='ddp' / 'ddp_spawn' / 'ddp_find_unused_parameters_true' (any number of"
+        " devices and nodes), or remove LayerDropBackCallback."
     )
+
