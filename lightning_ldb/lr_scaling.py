@@ -28,6 +28,10 @@ class StepLRScaler:
         self._before_step = before_step
         self._handles: list[RemovableHandle] = []
         self._unscaled: dict[int, tuple[Optimizer, list[Any]]] = {}
+        # Hook calls in progress per optimizer. torch wraps each optimizer class's own ``step`` with the hooks,
+        # so a subclass whose ``step`` calls ``super().step()`` runs them twice, nested: only the outermost
+        # call may scale and unscale, or the lr is scaled twice and left scaled after the step.
+        self._depth: dict[int, int] = {}
 
     def attach(self, optimizers: Iterable[Optimizer]) -> None:
         """Hook into ``optimizers`` (replacing any earlier attachment)."""
@@ -49,8 +53,13 @@ class StepLRScaler:
             for group, lr in zip(optimizer.param_groups, lrs):
                 group["lr"] = lr
         self._unscaled.clear()
+        self._depth.clear()
 
     def _pre_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        depth = self._depth.get(id(optimizer), 0)
+        self._depth[id(optimizer)] = depth + 1
+        if depth:
+            return  # nested: the outer call has done it all
         if self._before_step is not None:
             self._before_step(optimizer)
         if self.scale == 1.0:
@@ -60,6 +69,10 @@ class StepLRScaler:
             group["lr"] = group["lr"] * self.scale
 
     def _post_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        depth = self._depth.pop(id(optimizer), 1) - 1
+        if depth:
+            self._depth[id(optimizer)] = depth
+            return  # nested: the outer call puts the lr back
         entry = self._unscaled.pop(id(optimizer), None)
         if entry is not None:
             for group, lr in zip(optimizer.param_groups, entry[1]):

@@ -36,7 +36,12 @@ def run(tmp_path, resample, setup, max_epochs=5, ckpt_path=None):
         ModelCheckpoint(dirpath=tmp_path, filename="mid-{step}", save_top_k=-1, every_n_train_steps=mid_drop_step),
     ]
     model = TinyMLP(optimizer="sgd", lr=0.05, scheduler="cosine")
-    trainer = make_trainer(max_epochs, [ldb, log, *(checkpoints if ckpt_path is None else [])], enable_checkpointing=True)
+    trainer = make_trainer(
+        max_epochs,
+        [ldb, log, *(checkpoints if ckpt_path is None else [])],
+        enable_checkpointing=ckpt_path is None,
+        default_root_dir=tmp_path,
+    )
     datamodule = TinyDataModule(**data_kwargs) if data_kwargs else None
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     return model, log, mid_drop_step
