@@ -1,0 +1,106 @@
+"""How LDB composes with other Lightning and PyTorch features: warnings for the cases that need the user's attention.
+
+Each check reads, never writes, the trainer's state, and warns once on rank 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_ldb.layers import Layer
+from lightning_ldb.schedule import is_drop_epoch
+
+
+def warn_if_step_checkpoints(trainer: Trainer, batch_scale: int) -> None:
+    """Warn that step-triggered checkpoints saved on a DROP epoch's last batch resume short (batch scaling on)."""
+    # Lightning places a checkpoint saved on an epoch's last batch by comparing the batches done with the
+    # length of the epoch it resumes into. With DROP epochs shorter, the FULL epoch after one resumes as if
+    # mid-epoch and runs short. No public hook can correct Lightning's count, so say so up front.
+    # ModelCheckpoint has no public getter for its trigger; these attributes are read, never written.
+    by_step = [
+        cb
+        for cb in trainer.checkpoint_callbacks
+        if isinstance(cb, ModelCheckpoint)
+        and (getattr(cb, "_every_n_train_steps", 0) or getattr(cb, "_train_time_interval", None) is not None)
+    ]
+    if by_step:
+        rank_zero_warn(
+            f"LayerDropBackCallback(batch_scale={batch_scale}) with ModelCheckpoint(every_n_train_steps=... or"
+            " train_time_interval=...): a checkpoint saved on the last batch of a DROP epoch does not resume"
+            " correctly. Lightning compares the batches done with the length of the next, longer epoch and"
+            " resumes that epoch as if its first batches had run, so it runs short (LDB warns again if you resume"
+            " from such a checkpoint). Checkpoints saved at the end of an epoch, or anywhere else within one,"
+            " resume correctly."
+        )
+
+
+def warn_if_resumed_short_epoch(trainer: Trainer, every: int) -> None:
+    """Warn when this resume is from a checkpoint saved on the last batch of a DROP epoch (batch scaling on)."""
+    # The case ``warn_if_step_checkpoints`` announces, detected on resume. Lightning's loop progress is read
+    # (never written): ``restarted_on_train_batch_end`` with ``is_last_batch`` means the checkpoint was saved
+    # on the last batch of the epoch before ``current_epoch``, and Lightning carries its position over.
+    epoch = trainer.current_epoch
+    if epoch == 0:
+        return
+    loop = trainer.fit_loop.epoch_loop
+    carried = loop.batch_progress.current.ready
+    if not (getattr(loop, "restarted_on_train_batch_end", False) and loop.batch_progress.is_last_batch and carried):
+        return
+    if is_drop_epoch(epoch - 1, every) and not is_drop_epoch(epoch, every):
+        rank_zero_warn(
+            f"LayerDropBackCallback: this checkpoint was saved on the last batch of DROP epoch {epoch - 1}"
+            f" ({carried} batches). Lightning resumes epoch {epoch}, a longer full epoch, as if its first"
+            f" {carried} batches had already run, so epoch {epoch} runs short by {carried} batches. Resume from"
+            " the end-of-epoch checkpoint of that epoch instead to train every batch."
+        )
+
+
+def warn_if_all_droppable(pl_module: LightningModule, candidates: Sequence[Layer], drop_rate: float) -> None:
+    """Warn when a draw can drop every trainable layer, which leaves the loss without a gradient."""
+    # Checked here, after every callback's ``setup`` (``BackboneFinetuning`` freezes there). A draw that
+    # drops every trainable layer leaves the loss without a gradient: the step fails, at random, mid-run.
+    if drop_rate == 0.0:
+        return
+    candidate_ids = {id(p) for layer in candidates for p in layer.parameters}
+    trainable = [p for p in pl_module.parameters() if p.requires_grad]
+    if not trainable or not all(id(p) in candidate_ids for p in trainable):
+        return
+    n = sum(1 for layer in candidates if any(p.requires_grad for p in layer.parameters))
+    rank_zero_warn(
+        f"LayerDropBackCallback: every trainable layer of {type(pl_module).__name__} is a candidate, so a draw"
+        f" drops all {n} of them with probability drop_rate**{n} = {drop_rate**n:.2g} (per DROP epoch, or"
+        " per step with resample='step'). The loss then has no gradient and training fails. Keep a layer"
+        " trained: keep_first >= 1 or keep_last >= 1, or `exclude` one."
+    )
+
+
+def warn_if_compiled(pl_module: LightningModule, candidates: Sequence[Layer]) -> None:
+    """Warn when a compiled module holds droppable layers: each new dropped set recompiles."""
+    from torch._dynamo import OptimizedModule  # imported here: loading dynamo is slow and rarely needed
+
+    # A compiled graph is specialised on which of its inputs require a gradient: every new dropped set
+    # recompiles (checked: training stays correct, before and after the recompile limit).
+    if getattr(pl_module, "_compiler_ctx", None) is not None:  # trainer.fit(torch.compile(model))
+        what = f"the LightningModule {type(pl_module).__name__}"
+    else:
+        prefixes = [name for name, module in pl_module.named_modules() if isinstance(module, OptimizedModule)]
+        hit = [
+            name
+            for name in prefixes
+            if any(layer.name == name or layer.name.startswith(f"{name}.") for layer in candidates)
+        ]
+        if not hit:
+            return
+        what = f"submodule {hit[0]!r}" + (f" (and {len(hit) - 1} more)" if len(hit) > 1 else "")
+    rank_zero_warn(
+        f"LayerDropBackCallback: {what} is compiled with torch.compile, and contains layers LDB drops. A"
+        " compiled graph is specialised on which parameters require a gradient, so each new set of dropped"
+        " layers compiles anew (once per DROP epoch with resample='epoch', for every step with"
+        " resample='step'); beyond torch._dynamo.config.recompile_limit such sets run uncompiled. Training stays"
+        " correct. To keep the speed, compile only layers LDB never drops (see `include`/`exclude`), or raise"
+        " the recompile limit."
+    )
