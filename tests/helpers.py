@@ -9,7 +9,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_ldb import LDBDataModuleMixin
+from lightning_ldb import LDBDataModuleMixin, estimated_stepping_batches
 
 
 def make_dataset(n: int = 64, features: int = 8, seed: int = 0) -> TensorDataset:
@@ -77,6 +77,16 @@ class TinyMLP(LightningModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(make_dataset(32, seed=1), batch_size=16)
+
+
+class OneCycleMLP(TinyMLP):
+    """Builds ``OneCycleLR`` from LDB's exact step estimate, so the cycle must end on the last step."""
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        self.total_steps = estimated_stepping_batches(self.trainer)
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=self.total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler, "interval": "step"}}
 
 
 class TinyDataModule(LDBDataModuleMixin, LightningDataModule):

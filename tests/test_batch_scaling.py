@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from helpers import TinyDataModule, TinyMLP, make_dataset, make_trainer
+from helpers import OneCycleMLP, TinyDataModule, TinyMLP, make_dataset, make_trainer
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
-from lightning_ldb import LayerDropBackCallback, LDBDataModuleMixin, estimated_stepping_batches
+from lightning_ldb import LayerDropBackCallback, LDBDataModuleMixin
 from lightning_ldb.steps import optimizer_steps_per_epoch
 
 
@@ -75,14 +74,6 @@ def test_helper_serves_loaders_built_another_way():
 def test_no_discoverable_batch_size_is_a_clear_error():
     with pytest.raises(ValueError, match=r"self\.batch_size or self\.hparams\.batch_size.*ldb_batch_size"):
         make_trainer(3, [LayerDropBackCallback(seed=0)]).fit(TinyMLP(), datamodule=NoBatchSizeDataModule())
-
-
-class OneCycleMLP(TinyMLP):
-    def configure_optimizers(self):
-        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
-        self.total_steps = estimated_stepping_batches(self.trainer)
-        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=self.total_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler, "interval": "step"}}
 
 
 @pytest.mark.parametrize(

@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import TinyDataModule, TinyMLP, make_dataset, make_trainer, params_of_layers, snapshot
+from helpers import OneCycleMLP, TinyDataModule, TinyMLP, make_dataset, make_trainer, params_of_layers, snapshot
 from lightning.pytorch import LightningModule, seed_everything
 from lightning.pytorch.callbacks import BackboneFinetuning, Callback, ModelCheckpoint, StochasticWeightAveraging
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
-from lightning_ldb import LayerDropBackCallback, estimated_stepping_batches, timing
+from lightning_ldb import LayerDropBackCallback, timing
 
 
 def frozen_names(module: nn.Module) -> set[str]:
@@ -354,14 +354,6 @@ def test_compiled_submodule_warns_only_if_it_holds_candidates(compiled, warns):
 
 
 # ------------------------------------------------------------------ fast_dev_run, max_steps, validation
-class OneCycleMLP(TinyMLP):
-    def configure_optimizers(self):
-        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
-        self.total_steps = estimated_stepping_batches(self.trainer)
-        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=self.total_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler, "interval": "step"}}
-
-
 def test_fast_dev_run_runs_its_batches_and_the_estimate_counts_them():
     # fast_dev_run runs a few batches of epoch 0, a full epoch, so LDB never drops in it.
     ldb = LayerDropBackCallback(seed=0, every=1)

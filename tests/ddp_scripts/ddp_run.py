@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # ``helpers`` lives in tests/
 
-from helpers import TinyMLP  # noqa: E402
+from helpers import TinyMLP, make_trainer  # noqa: E402
 
 from lightning_ldb import LayerDropBackCallback  # noqa: E402
 
@@ -155,19 +155,12 @@ def fit(
         param.requires_grad_(False)
     ldb_class = RankDependentLDB if disagree else LayerDropBackCallback
     ldb = ldb_class(resample=resample, **LDB_KWARGS)
-    trainer = Trainer(
-        accelerator="cpu",
+    trainer = make_trainer(
+        max_epochs,
+        [ldb, RankRecorder(out_dir)],
         devices=2,
         strategy=strategy,
-        max_epochs=max_epochs,
         accumulate_grad_batches=accumulate_grad_batches,
-        callbacks=[ldb, RankRecorder(out_dir)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
     )
     trainer.fit(model)
 
