@@ -60,7 +60,10 @@ def _run(variant, group, seconds, modes=None, accs=None, steps=None):
     modes = modes or ["full"] * len(seconds)
     accs = accs or [None] * len(seconds)
     steps = steps or [16 if m == "full" else 8 for m in modes]
-    epochs = [EpochResult(i, m, s, 1024, n, 64 if m == "full" else 128, a) for i, (s, m, a, n) in enumerate(zip(seconds, modes, accs, steps))]
+    epochs = [
+        EpochResult(i, m, s, 1024, n, 64 if m == "full" else 128, a)
+        for i, (s, m, a, n) in enumerate(zip(seconds, modes, accs, steps))
+    ]
     return RunResult(variant, group, epochs)
 
 
@@ -92,8 +95,10 @@ def test_paired_comparison_by_hand():
 
 def test_runs_are_paired_within_their_group_only():
     runs = [
-        _run("baseline", "a", [10.0, 10.0]), _run("ldb", "a", [10.0, 5.0], ["full", "drop"]),
-        _run("ldb", "b", [20.0, 20.0], ["full", "drop"]), _run("baseline", "b", [20.0, 40.0]),
+        _run("baseline", "a", [10.0, 10.0]),
+        _run("ldb", "a", [10.0, 5.0], ["full", "drop"]),
+        _run("ldb", "b", [20.0, 20.0], ["full", "drop"]),
+        _run("baseline", "b", [20.0, 40.0]),
     ]
     speedups = summarize(runs)["comparisons"]["ldb"]["speedup"]
     assert (speedups.n, speedups.min) == (2, 0.25) and speedups.max == pytest.approx(1 - 40 / 60)
@@ -106,6 +111,9 @@ def test_overhead_compares_full_epochs_after_warm_up():
     summary = summarize([baseline, installed], skip_epochs=1)
     assert summary["comparisons"]["callback-only"]["full_epoch_overhead"].mean == pytest.approx(0.005)
     assert [t["met"] for t in summary["targets"]] == [True]  # 0.5% is within the 1% target
+    # "Within 1%" is two-sided: a run 5% *faster* than the baseline shows noise, not a met target.
+    faster = _run("callback-only", "g", [10.0, 9.5, 9.5])
+    assert [t["met"] for t in summarize([baseline, faster], skip_epochs=1)["targets"]] == [False]
 
 
 def test_flop_accounting_by_hand():
@@ -119,10 +127,19 @@ def test_flop_accounting_by_hand():
 
 
 def test_report_is_strict_json_and_renders():
-    runs = [_run("baseline", "g", [10.0, 10.0, 10.0], accs=[0.1, 0.2, 0.3]),
-            _run("ldb", "g", [10.0, 10.0, 6.0], ["full", "full", "drop"], accs=[0.1, 0.2, 0.3])]
-    report = to_jsonable({"kind": "paired", "config": {"model": "m", "ldb": {"drop_rate": 0.3}}, "runs": [r.to_dict() for r in runs],
-                          "flops": {}, "summary": summarize(runs)})
+    runs = [
+        _run("baseline", "g", [10.0, 10.0, 10.0], accs=[0.1, 0.2, 0.3]),
+        _run("ldb", "g", [10.0, 10.0, 6.0], ["full", "full", "drop"], accs=[0.1, 0.2, 0.3]),
+    ]
+    report = to_jsonable(
+        {
+            "kind": "paired",
+            "config": {"model": "m", "ldb": {"drop_rate": 0.3}},
+            "runs": [r.to_dict() for r in runs],
+            "flops": {},
+            "summary": summarize(runs),
+        }
+    )
     text = json.dumps(report, allow_nan=False)
     markdown = render_markdown(json.loads(text))
     assert "| ldb | 1 | 13.3% |" in markdown  # speed-up 1 - 26/30
@@ -134,8 +151,12 @@ def _linear_stack():
     # Four bias-free Linear layers 8 -> 16 -> 16 -> 16 -> 4. With B samples a layer i -> o costs 2*B*i*o
     # FLOPs forward, as much for its weight gradient (dW), and as much again for its input gradient (dX),
     # which autograd computes only if something below it is trainable.
-    return nn.Sequential(nn.Linear(8, 16, bias=False), nn.Linear(16, 16, bias=False), nn.Linear(16, 16, bias=False),
-                         nn.Linear(16, 4, bias=False))
+    return nn.Sequential(
+        nn.Linear(8, 16, bias=False),
+        nn.Linear(16, 16, bias=False),
+        nn.Linear(16, 16, bias=False),
+        nn.Linear(16, 4, bias=False),
+    )
 
 
 def _sum_loss(model, x):
@@ -212,14 +233,31 @@ def test_flop_draw_is_the_draw_the_callback_makes_in_training():
 
 # ---------------------------------------------------------------------------------------------- end to end
 # One thread: on a busy 2-core machine two OpenMP threads spin against other processes and run ~8x slower.
-TINY = ["--model", "digits_cnn", "--image-size", "8", "--train-samples", "32", "--val-samples", "16", "--batch-size", "8",
-        "--epochs", "3", "--no-progress-bar", "--threads", "1"]
+TINY = [
+    "--model",
+    "digits_cnn",
+    "--image-size",
+    "8",
+    "--train-samples",
+    "32",
+    "--val-samples",
+    "16",
+    "--batch-size",
+    "8",
+    "--epochs",
+    "3",
+    "--no-progress-bar",
+    "--threads",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    code = cli.main(TINY + ["--variants", "baseline,ldb,callback-only", "--profile", "--profile-steps", "1", "--out", str(out)])
+    code = cli.main(
+        TINY + ["--variants", "baseline,ldb,callback-only", "--profile", "--profile-steps", "1", "--out", str(out)]
+    )
     assert code == 0
     return out
 
@@ -241,7 +279,11 @@ def test_tiny_benchmark_writes_json_markdown_and_png(tiny_report):
     assert [e.optimizer_steps for e in ldb.epochs] == [4, 4, 2]
     assert all(e.mode == "full" for e in installed.epochs)
     # Same seed, weights and batches: until the first DROP epoch every run is the same computation.
-    assert [e.val_acc for e in baseline.epochs[:2]] == [e.val_acc for e in ldb.epochs[:2]] == [e.val_acc for e in installed.epochs[:2]]
+    assert (
+        [e.val_acc for e in baseline.epochs[:2]]
+        == [e.val_acc for e in ldb.epochs[:2]]
+        == [e.val_acc for e in installed.epochs[:2]]
+    )
     assert ldb.hook_calls["on_train_batch_start"] == ldb.optimizer_steps
     assert ldb.hook_calls["optimizer.step pre-step hook"] == ldb.optimizer_steps
     assert report["flops"]["ldb"]["drop_batch"] == 16 and report["flops"]["ldb"]["per_sample_ratio"] <= 1.0
@@ -249,7 +291,14 @@ def test_tiny_benchmark_writes_json_markdown_and_png(tiny_report):
     assert set(report["summary"]["comparisons"]) == {"ldb", "callback-only"}
 
     markdown = (tiny_report / "report.md").read_text()
-    for heading in ("## Results", "## Paired comparison", "## FLOPs", "## The callback's own work", "## Targets", "## Step profile"):
+    for heading in (
+        "## Results",
+        "## Paired comparison",
+        "## FLOPs",
+        "## The callback's own work",
+        "## Targets",
+        "## Step profile",
+    ):
         assert heading in markdown
     _assert_png(tiny_report / "report.png")
 
@@ -258,14 +307,17 @@ def test_merge_pools_runs_of_several_reports(tiny_report, tmp_path):
     first = tiny_report / "report.json"
     assert cli.main(["--merge", str(first), str(first), "--out", str(tmp_path)]) == 0
     merged = json.loads((tmp_path / "report.json").read_text())
-    assert len(merged["runs"]) == 6 and merged["merged_from"] == 2
+    assert len(merged["runs"]) == 6 and len(merged["merged_from"]) == 2
     _assert_png(tmp_path / "report.png")
 
 
 def test_tiny_sweep_writes_a_table_and_a_plot(tmp_path):
     assert cli.main(TINY + ["--sweep", "drop_rate=0.2,0.6", "--no-hook-timing", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "sweep.json").read_text())
-    assert report["kind"] == "sweep" and report["sweep"]["variants"] == {"ldb drop_rate=0.2": 0.2, "ldb drop_rate=0.6": 0.6}
+    assert report["kind"] == "sweep" and report["sweep"]["variants"] == {
+        "ldb drop_rate=0.2": 0.2,
+        "ldb drop_rate=0.6": 0.6,
+    }
     assert [r["variant"] for r in report["runs"]] == ["baseline", "ldb drop_rate=0.2", "ldb drop_rate=0.6"]
     markdown = (tmp_path / "sweep.md").read_text()
     assert "| 0.2 |" in markdown and "| 0.6 |" in markdown
@@ -278,7 +330,15 @@ def test_sweeps_split_over_invocations_merge_into_one():
     def sweep_report(group, values):
         runs = [_run("baseline", group, [10.0, 10.0, 10.0])]
         runs += [_run(f"ldb every={v}", group, [10.0, 8.0, 8.0], ["full", "drop", "drop"]) for v in values]
-        config = {"model": "m", "epochs": 3, "train_samples": 8, "val_samples": 8, "batch_size": 4, "image_size": 8, "seed": 0}
+        config = {
+            "model": "m",
+            "epochs": 3,
+            "train_samples": 8,
+            "val_samples": 8,
+            "batch_size": 4,
+            "image_size": 8,
+            "seed": 0,
+        }
         return build_report(config, {}, runs, {}, {"key": "every", "variants": {f"ldb every={v}": v for v in values}})
 
     merged = merge_reports([sweep_report("a", [1]), sweep_report("b", [2])])
