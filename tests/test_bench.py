@@ -254,11 +254,16 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory):
+    import logging
+
     out = tmp_path_factory.mktemp("bench")
+    level, threads = logging.getLogger("lightning.pytorch").level, torch.get_num_threads()
     code = cli.main(
         TINY + ["--variants", "baseline,ldb,callback-only", "--profile", "--profile-steps", "1", "--out", str(out)]
     )
     assert code == 0
+    # The quieted logger and the thread count (--threads 1) are put back for the rest of the session.
+    assert (logging.getLogger("lightning.pytorch").level, torch.get_num_threads()) == (level, threads)
     return out
 
 

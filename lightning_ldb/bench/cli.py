@@ -16,15 +16,33 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
 from lightning_ldb.bench import report as report_lib
-from lightning_ldb.bench.runner import PAPER_LDB, SWEEPABLE, BenchConfig
+from lightning_ldb.bench.phases import profile_steps
+from lightning_ldb.bench.plot import plot_paired, plot_sweep
+from lightning_ldb.bench.runner import (
+    PAPER_LDB,
+    SWEEPABLE,
+    BenchConfig,
+    config_to_dict,
+    count_flops,
+    environment,
+    make_module,
+    merge_reports,
+    plan_variants,
+    run_benchmark,
+    torch_threads,
+    uses_cuda,
+)
+from lightning_ldb.callback import LayerDropBackCallback
+from lightning_ldb.examples import MODEL_NAMES
 
 VARIANT_NAMES = (report_lib.BASELINE, report_lib.LDB, report_lib.CALLBACK_ONLY)
 
@@ -117,8 +135,6 @@ def parse_sweep(text: str) -> tuple[str, tuple[Any, ...]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lightning_ldb.examples import MODEL_NAMES
-
     defaults = BenchConfig()
     parser = argparse.ArgumentParser(
         prog="ldb-bench",
@@ -267,8 +283,6 @@ def write_outputs(result: dict[str, Any], out: Path) -> dict[str, Path]:
 
     A profile-only result gets ``profile.json`` and ``profile.md``, no figure.
     """
-    from lightning_ldb.bench.plot import plot_paired, plot_sweep
-
     out.mkdir(parents=True, exist_ok=True)
     if result["kind"] == "profile":
         paths = {"json": out / "profile.json", "markdown": out / "profile.md"}
@@ -295,19 +309,25 @@ def _load_report(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
         raise  # unreachable: parser.error exits
 
 
-def _quiet_lightning() -> None:
-    # The benchmark prints its own report; Lightning's device banner and data-loader hints are noise here.
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Hide Lightning's device banner and data-loader hints (the benchmark prints its own report), then restore."""
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``ldb-bench``; returns the exit code (argument errors exit with 2)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from lightning_ldb.bench.runner import merge_reports
-
     if args.merge:
         try:
             result = merge_reports([_load_report(path, parser) for path in args.merge])
@@ -315,8 +335,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"argument --merge: {error}")
     else:
         config = config_from_args(args, parser)
-        _quiet_lightning()
-        result = _profile_only(config, args.profile_steps) if args.profile_only else _run(config, args)
+        with _quiet_lightning():
+            result = _profile_only(config, args.profile_steps) if args.profile_only else _run(config, args)
     paths = write_outputs(result, args.out)
     print(paths["markdown"].read_text())
     print("Wrote " + ", ".join(str(p) for p in paths.values()))
@@ -324,10 +344,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _run(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
-    from lightning_ldb.bench.runner import run_benchmark
-
-    from lightning_ldb.bench.runner import torch_threads
-
     result = run_benchmark(config)
     if args.profile:
         with torch_threads(config.threads):
@@ -336,8 +352,6 @@ def _run(config: BenchConfig, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _profile_only(config: BenchConfig, steps: int) -> dict[str, Any]:
-    from lightning_ldb.bench.runner import config_to_dict, count_flops, environment, plan_variants, torch_threads
-
     with torch_threads(config.threads):
         flops = count_flops(config, [v for v in plan_variants(config) if v.ldb is not None][:1])
         profile = _profile(config, steps)
@@ -355,10 +369,6 @@ def _profile_only(config: BenchConfig, steps: int) -> dict[str, Any]:
 
 
 def _profile(config: BenchConfig, steps: int) -> dict[str, Any]:
-    from lightning_ldb.bench.phases import profile_steps
-    from lightning_ldb.bench.runner import _uses_cuda, make_module
-    from lightning_ldb.callback import LayerDropBackCallback
-
     ldb = dict(config.ldb)
     if config.sweep is not None and config.sweep[0] in ldb:
         ldb[config.sweep[0]] = config.sweep[1][0]
@@ -373,7 +383,7 @@ def _profile(config: BenchConfig, steps: int) -> dict[str, Any]:
         config.num_classes,
         steps=steps,
         lr=config.lr,
-        device="cuda" if _uses_cuda(config.accelerator) else "cpu",
+        device="cuda" if uses_cuda(config.accelerator) else "cpu",
     )
 
 

@@ -13,8 +13,9 @@ Vocabulary:
 - *group*: the runs of one repetition inside one invocation. Runs are only ever compared with runs of
   the same group, which ran back to back on the same machine state.
 - *clock*: ``"wall"`` (wall-clock seconds, what the issue and the paper measure) or ``"cpu"`` (the
-  process's CPU seconds over the same span). On a machine shared with other jobs, CPU time is barely
-  disturbed by them where wall-clock time is; on a GPU it misses the device's work.
+  process's CPU seconds over the same span). On a machine shared with other jobs, CPU time is less
+  disturbed by them than wall-clock time (with several threads it still counts time spent spinning);
+  on a GPU it misses the device's work.
 """
 
 from __future__ import annotations
@@ -267,7 +268,7 @@ class RunResult:
         return points
 
     def hook_seconds_per_step(self, kinds: Sequence[str] = ("step", "epoch")) -> Optional[float]:
-        """The LDB callback's hook time of the given :func:`hook_kind` s, per optimizer step of the run.
+        """The LDB callback's time in hooks of the given kinds (see :func:`hook_kind`), per optimizer step.
 
         The default, per-step hooks plus per-epoch hooks spread over the run's steps, is its recurring
         work per step; once-per-fit hooks (:data:`ONCE_PER_FIT_HOOKS`) are left out.
@@ -1048,6 +1049,8 @@ def render_sweep_markdown(report: dict[str, Any]) -> str:
     key = report["sweep"]["key"]
     summary = _spreads(report["summary"])
     lines = [f"# LayerDropBack sweep over `{key}`", ""] + _setup_lines(report["config"], report.get("environment", {}))
+    values = ", ".join(str(v) for v in report["sweep"]["variants"].values())
+    lines[-1:-1] = [f"- Swept: `{key}` over {values}; the other LDB settings as above."]
     table = _Table(
         [
             key,

@@ -229,7 +229,8 @@ def _loadavg() -> Optional[float]:
         return None
 
 
-def _uses_cuda(accelerator: str) -> bool:
+def uses_cuda(accelerator: str) -> bool:
+    """Whether Lightning's ``accelerator`` setting puts the runs on a CUDA GPU here."""
     return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
 
 
@@ -368,7 +369,7 @@ def environment(config: BenchConfig) -> dict[str, Any]:
             cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
     except OSError:
         pass
-    cuda = _uses_cuda(config.accelerator)
+    cuda = uses_cuda(config.accelerator)
     return {
         "device": f"CUDA {torch.cuda.get_device_name(0)}" if cuda else "CPU",
         "cpu": cpu,
