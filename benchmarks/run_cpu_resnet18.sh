@@ -3,7 +3,7 @@
 # the paper's LDB settings (p=0.3, every=2, lr and batch x2), 5 epochs of 1024 samples, on the project's
 # shared 2-core CPU machine. Each invocation stays under ~8 minutes; runs alternate their order between
 # invocations, and --merge pools them (every LDB run is still compared with the baseline of its own
-# invocation). Run from the repository root. Takes about 45 minutes on 2 cores.
+# invocation). Run from the repository root. Takes about an hour on 2 cores.
 set -euo pipefail
 OUT=${OUT:-outputs/bench-cpu-resnet18}
 BENCH="python -m lightning_ldb.bench --no-progress-bar --train-samples 1024"
@@ -12,12 +12,13 @@ NOTE="Shared 2-core VM: other engineers' test suites ran concurrently (see the l
 # Paired runs, in both orders; then the callback installed with no DROP epoch (its overhead), in both orders.
 $BENCH --variants baseline,ldb --note "$NOTE" --out "$OUT/d1"
 $BENCH --variants ldb,baseline --note "$NOTE" --out "$OUT/d2"
+$BENCH --variants baseline,ldb --note "$NOTE" --out "$OUT/d3"
+$BENCH --variants ldb,baseline --note "$NOTE" --out "$OUT/d4"
 $BENCH --variants callback-only,baseline --note "$NOTE" --out "$OUT/e1"
 $BENCH --variants baseline,callback-only --note "$NOTE" --out "$OUT/e2"
 # Where the time of a full and a DROP step goes (forward/backward/optimizer, batch 64 vs 128).
 $BENCH --profile-only --profile-steps 3 --out "$OUT/profile"
-$BENCH --merge "$OUT"/d1/report.json "$OUT"/d2/report.json "$OUT"/e1/report.json "$OUT"/e2/report.json \
-  "$OUT"/profile/profile.json --out "$OUT/merged"
+$BENCH --merge "$OUT"/d[1-4]/report.json "$OUT"/e[12]/report.json "$OUT"/profile/profile.json --out "$OUT/merged"
 
 # The ablations, on shorter runs (one baseline per invocation).
 $BENCH --sweep batch_scale=1,2 --train-samples 512 --out "$OUT/sweep-batch-scale"
