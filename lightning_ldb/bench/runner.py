@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 
+from lightning_ldb.timing import EpochTimer
 from lightning_ldb.bench import report
 from lightning_ldb.bench.data import SyntheticImageDataModule
 from lightning_ldb.bench.flops import ldb_step_flops
@@ -142,27 +143,24 @@ class CpuEpochClock(Callback):
 
     def __init__(self) -> None:
         self.seconds: dict[int, float] = {}
-        self._start: Optional[float] = None
-        self._paused_at: Optional[float] = None
-        self._paused = 0.0
+        self._timer = EpochTimer(clock=time.process_time)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start, self._paused, self._paused_at = time.process_time(), 0.0, None
+        self._timer.start(pl_module)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._start is not None and batch_idx + 1 >= trainer.num_training_batches:
-            self.seconds[trainer.current_epoch] = time.process_time() - self._start - self._paused
+        last = batch_idx + 1 >= trainer.num_training_batches
+        self._timer.lap(pl_module, last=last)
+        if last:
+            self.seconds[trainer.current_epoch] = self._timer.elapsed
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._start is not None:
-            self._paused_at = time.process_time()
+        self._timer.pause()
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._paused_at is not None:
-            self._paused += time.process_time() - self._paused_at
-            self._paused_at = None
+        self._timer.resume()
 
 
 class HookTimer:
