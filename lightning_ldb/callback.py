@@ -1,4 +1,5 @@
-"""``LayerDropBackCallback``: wires LDB's pure core (schedule, candidates, draws) into Lightning's hooks."""
+"""``LayerDropBackCallback``: LDB's configuration and checkpoint state, and the Lightning hooks that drive one
+:class:`~lightning_ldb.run.LDBRun` per fit."""
 
 from __future__ import annotations
 
@@ -7,22 +8,30 @@ from typing import Any, Optional
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.optim import Optimizer
+from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_ldb import compatibility, strategies
 from lightning_ldb._checks import check_choice, check_float, check_int, check_patterns
-from lightning_ldb.freezing import ParameterFreezer
-from lightning_ldb.layers import GRANULARITIES, Layer, discover_layers, select_candidates
-from lightning_ldb.lr_scaling import StepLRScaler
-from lightning_ldb.sampling import draw_dropped, fresh_seed, global_seed
-from lightning_ldb.schedule import DROP, FULL, epoch_mode, is_drop_epoch
-from lightning_ldb.timing import EpochTimer
+from lightning_ldb.ddp import COMMUNICATION_METHODS
+from lightning_ldb.layers import GRANULARITIES
+from lightning_ldb.run import LDBRun, RunSettings
+from lightning_ldb.schedule import FULL, BatchSchedule, is_drop_epoch
 
 RESAMPLE_MODES = ("epoch", "step")
 
 #: The arguments that decide what a run drops; a checkpoint made with other values warns on resume.
-_CONFIG_KEYS = ("drop_rate", "every", "lr_scale", "batch_scale", "keep_first", "keep_last", "resample", "granularity")
+_CONFIG_KEYS = (
+    "drop_rate",
+    "every",
+    "lr_scale",
+    "batch_scale",
+    "keep_first",
+    "keep_last",
+    "resample",
+    "granularity",
+    "include",
+    "exclude",
+    "communication",
+)
 
 
 class LayerDropBackCallback(Callback):
@@ -47,14 +56,18 @@ class LayerDropBackCallback(Callback):
         keep_last: The last ``keep_last`` layers of the network are never dropped.
         resample: ``"epoch"`` (the paper): one draw per DROP epoch. ``"step"`` (the authors' code): a
             new draw before every optimizer step; the micro-batches of one accumulated step share it.
-        seed: Seed of LDB's private generator. ``None`` takes the seed given to
-            ``lightning.seed_everything`` (or, without one, a fresh seed from the OS, broadcast from
-            rank 0). The resolved seed is kept in checkpoints.
+        seed: Seed of LDB's private generator. ``None`` takes, at the start of each fit, the seed last
+            given to ``lightning.seed_everything`` (or, without one, a fresh seed from the OS), broadcast
+            from rank 0. The resolved seed is kept in checkpoints and taken back on resume.
         granularity: ``"module"``: a layer is a module that directly owns parameters. ``"parameter"``:
             each parameter tensor is a layer (the authors' code).
         include: Only layers whose name matches one of these ``fnmatch`` patterns are candidates
             (e.g. ``["layer3.*", "layer4.*"]``). ``None``: all layers.
         exclude: Layers whose name matches one of these patterns are never dropped.
+        communication: How LDB keeps DDP's gradient all-reduce in line with the dropped layers: ``"auto"``
+            (``"rewrap"`` with ``resample="epoch"``, ``"hook"`` with ``resample="step"``, ``"find_unused"``
+            when the strategy has its own comm hook), or one of those three (see ``docs/ddp.md``). Ignored
+            without DDP.
 
     Raises:
         TypeError: If an argument has the wrong type.
@@ -81,6 +94,7 @@ class LayerDropBackCallback(Callback):
         granularity: str = "module",
         include: Optional[Sequence[str]] = None,
         exclude: Optional[Sequence[str]] = None,
+        communication: str = "auto",
     ) -> None:
         super().__init__()
         self.drop_rate = check_float("drop_rate", drop_rate, 0.0, 1.0)
@@ -95,46 +109,47 @@ class LayerDropBackCallback(Callback):
             check_int("seed", seed, minimum=0)
         self.include = check_patterns("include", include)
         self.exclude = check_patterns("exclude", exclude)
-        self._seed: Optional[int] = seed
+        self.seed_argument: Optional[int] = seed
+        self.communication = check_choice("communication", communication, COMMUNICATION_METHODS)
 
-        self._candidates: list[Layer] = []
-        self._candidate_numel = 0
-        self._mode = FULL
-        self._epoch: Optional[int] = None
-        self._draw_key: Optional[tuple[int, Optional[int]]] = None
-        self._dropped: tuple[Layer, ...] = ()
-        self._dropped_fractions: list[float] = []
-        self._freezer = ParameterFreezer()
-        self._lr = StepLRScaler(before_step=self._before_optimizer_step)
-        self._strategy = strategies.NoOpAdapter()
-        self._timer = EpochTimer()
-        self._batch_scaling_active = False
+        self._run: Optional[LDBRun] = None
+        # What the last fit left for introspection and ``state_dict`` after it ended (no live objects).
+        self._last_seed: Optional[int] = None
+        self._last_mode = FULL
+        self._last_candidates: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ introspection
     @property
     def mode(self) -> str:
         """``"drop"`` or ``"full"``: the mode of the current (or last) training epoch."""
-        return self._mode
+        return self._run.mode if self._run is not None else self._last_mode
 
     @property
     def dropped_layers(self) -> tuple[str, ...]:
         """Names of the layers LDB has dropped right now (parameter names with ``granularity="parameter"``)."""
-        return tuple(layer.name for layer in self._dropped)
+        return self._run.dropped_names if self._run is not None else ()
 
     @property
     def candidate_layers(self) -> tuple[str, ...]:
-        """Names of the layers that may be dropped, in network order."""
-        return tuple(layer.name for layer in self._candidates)
+        """Names of the layers that may be dropped, in network order (of the running or last fit)."""
+        if self._run is not None:
+            return tuple(layer.name for layer in self._run.candidates)
+        return self._last_candidates
 
     @property
     def seed(self) -> Optional[int]:
-        """The seed of LDB's private generator, once resolved in ``setup``."""
-        return self._seed
+        """The seed of LDB's private generator: of the running fit once resolved in ``setup``, else of the last one."""
+        return self._run.seed if self._run is not None else self._last_seed
 
     @property
     def batch_scaling_active(self) -> bool:
-        """Whether DROP epochs load ``batch_scale`` times larger batches (a mixin serves the train loader)."""
-        return self._batch_scaling_active
+        """Whether this fit's DROP epochs load ``batch_scale`` times larger batches (the train data source is a mixin)."""
+        return self._run is not None and self._run.batch_scaling_active
+
+    @property
+    def batch_schedule(self) -> BatchSchedule:
+        """The batch size of each epoch, as a value (``every`` and ``batch_scale``)."""
+        return BatchSchedule(self.every, self.batch_scale)
 
     def is_drop_epoch(self, epoch: int) -> bool:
         """Whether ``epoch`` is a DROP epoch under this callback's ``every``."""
@@ -142,194 +157,108 @@ class LayerDropBackCallback(Callback):
 
     def batch_size_for_epoch(self, epoch: int, base: int) -> int:
         """The training batch size of ``epoch``: ``base * batch_scale`` on DROP epochs, else ``base``."""
-        return base * self.batch_scale if self.batch_scale > 1 and self.is_drop_epoch(epoch) else base
+        return self.batch_schedule.batch_size(epoch, base)
 
     # ------------------------------------------------------------------ setup and teardown
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._strategy = strategies.adapter_for(trainer, self)
-        self._strategy.setup(trainer, pl_module)
-        self._resolve_seed(trainer)
-        if any(True for _ in pl_module.parameters()):
-            # Layers made in ``configure_model`` do not exist yet; ``on_fit_start`` looks again.
-            self._find_candidates(pl_module)
-        self._check_batch_scaling(trainer, pl_module)
-        if self._batch_scaling_active:
-            compatibility.warn_if_step_checkpoints(trainer, self.batch_scale)
+        self._close_run()  # a fit that died without teardown
+        self._run = LDBRun(self._settings(), trainer, pl_module)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._find_candidates(pl_module)
-        compatibility.warn_if_compiled(pl_module, self._candidates)
-        compatibility.warn_if_all_droppable(pl_module, self._candidates, self.drop_rate)
+        self._require_run().on_fit_start(pl_module)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Optimizers exist now, and a mid-epoch resume skips ``on_train_epoch_start``, so the epoch's
-        # state is (re)applied here too.
-        self._lr.attach(trainer.optimizers)
-        if self._batch_scaling_active:
-            compatibility.warn_if_resumed_short_epoch(trainer, self.every)
-        self._enter_epoch(trainer, trainer.current_epoch)
-        self._timer.start(pl_module)
+        self._require_run().on_train_start(trainer)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
-            self._restore_user_state()
+            self._close_run()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        # Whatever went wrong (KeyboardInterrupt included), leave every flag and lr as the user set them.
-        self._restore_user_state()
+        # Whatever went wrong (KeyboardInterrupt included), leave every flag, lr and setting as the user set them.
+        self._close_run()
 
     # ------------------------------------------------------------------ per epoch and step
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._enter_epoch(trainer, trainer.current_epoch)
-        self._timer.start(pl_module)
+        self._require_run().on_train_epoch_start(trainer)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._mode != DROP:
-            return
-        if self.resample == "step":
-            # ``global_step`` counts optimizer steps, so the micro-batches of one accumulated step share a draw.
-            self._apply_draw(trainer, (trainer.current_epoch, trainer.global_step))
-        else:
-            # Another callback's ``on_train_epoch_start`` may have run after ours and made dropped layers
-            # trainable again (``BackboneFinetuning`` unfreezing the backbone): drop them again before the forward.
-            self._apply_draw(trainer, (trainer.current_epoch, None))
+        self._require_run().on_train_batch_start(trainer)
 
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # A GradScaler refuses to step an optimizer that holds no gradient at all ("No inf checks were recorded
-        # for this optimizer"), which is what an optimizer whose parameters are all dropped holds. Give one of
-        # its dropped parameters a zero gradient for the scaler to check: our step pre-hook
-        # (``_before_optimizer_step``) takes it away before the optimizer runs, so nothing moves.
-        if self._freezer.frozen and getattr(trainer.precision_plugin, "scaler", None) is not None:
-            self._freezer.give_placeholder_grads(trainer.optimizers)
-
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self._timer.lap(pl_module, last=batch_idx + 1 >= trainer.num_training_batches)
+        self._require_run().on_after_backward(trainer)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._timer.pause()
+        if self._run is not None:  # also runs in ``validate``, outside any fit
+            self._run.timer.pause()
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._timer.resume()
+        if self._run is not None:
+            self._run.timer.resume()
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        fraction = sum(self._dropped_fractions) / len(self._dropped_fractions) if self._dropped_fractions else 0.0
-        metrics = {
-            "ldb/drop_epoch": float(self._mode == DROP),
-            "ldb/dropped_fraction": fraction,
-            "ldb/lr_scale": self._lr.scale,
-            "ldb/epoch_time": self._timer.elapsed,
-        }
-        for name, value in metrics.items():
+        for name, value in self._require_run().on_train_epoch_end(trainer).items():
             pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=True)
-        self._release(trainer)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self._seed, "config": {key: getattr(self, key) for key in _CONFIG_KEYS}}
+        return {"seed": self.seed, "config": {key: getattr(self, key) for key in _CONFIG_KEYS}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Only the seed is restored: every draw is a function of (seed, epoch[, step]). Never freeze
         # here: this runs before the strategy wraps the model.
-        self._seed = state_dict["seed"]
         saved = state_dict.get("config", {})
         changed = {k: (saved[k], getattr(self, k)) for k in _CONFIG_KEYS if k in saved and saved[k] != getattr(self, k)}
         if changed:
             details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
             rank_zero_warn(f"LayerDropBackCallback resumes with other settings than the checkpoint's ({details}).")
+        seed = state_dict.get("seed")
+        if seed is None:
+            return
+        if self._run is not None:
+            self._run.restore_seed(seed)
+        else:
+            self._last_seed = seed
 
     # ------------------------------------------------------------------ internals
-    def _resolve_seed(self, trainer: Trainer) -> None:
-        if self._seed is None:
-            seed = global_seed()
-            if seed is None:
-                seed = fresh_seed()
-                rank_zero_info(
-                    f"LayerDropBackCallback: no `seed` and no `seed_everything`; drawing layers with seed {seed}."
-                    " Pass `seed=` for reproducible draws."
-                )
-            self._seed = seed
-        # One seed for all ranks, whatever each process was seeded with.
-        self._seed = int(trainer.strategy.broadcast(self._seed, src=0))
-
-    def _find_candidates(self, pl_module: LightningModule) -> None:
-        layers = discover_layers(pl_module, self.granularity)
-        candidates = select_candidates(layers, self.keep_first, self.keep_last, self.include, self.exclude)
-        if not candidates:
-            raise ValueError(
-                f"LayerDropBackCallback found no candidate layer to drop in {type(pl_module).__name__}: it has"
-                f" {len(layers)} layer(s) (granularity={self.granularity!r}), keep_first={self.keep_first} and"
-                f" keep_last={self.keep_last} keep {min(len(layers), self.keep_first + self.keep_last)} of them, and"
-                f" include={self.include!r} / exclude={self.exclude!r} filter the rest. Lower `keep_first`/"
-                f"`keep_last`, widen the patterns, or use granularity='parameter'."
-            )
-        self._candidates = candidates
-        self._candidate_numel = sum(layer.numel for layer in candidates)
-
-    def _check_batch_scaling(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from lightning_ldb.datamodule import LDBDataModuleMixin, enable_batch_scaling
-
-        self._batch_scaling_active = False
-        if self.batch_scale == 1:
-            return
-        if isinstance(trainer.datamodule, LDBDataModuleMixin) or isinstance(pl_module, LDBDataModuleMixin):
-            enable_batch_scaling(trainer)
-            self._batch_scaling_active = True
-            return
-        rank_zero_warn(
-            f"LayerDropBackCallback(batch_scale={self.batch_scale}): the DROP-epoch batch size stays unscaled,"
-            " because neither the DataModule nor the LightningModule uses `LDBDataModuleMixin`. Put"
-            " `LDBDataModuleMixin` first among its bases (see the README), or pass batch_scale=1."
+    def _settings(self) -> RunSettings:
+        return RunSettings(
+            drop_rate=self.drop_rate,
+            every=self.every,
+            lr_scale=self.lr_scale,
+            batch_scale=self.batch_scale,
+            keep_first=self.keep_first,
+            keep_last=self.keep_last,
+            resample=self.resample,
+            seed=self.seed_argument,
+            granularity=self.granularity,
+            include=self.include,
+            exclude=self.exclude,
+            communication=self.communication,
         )
 
-    def _enter_epoch(self, trainer: Trainer, epoch: int) -> None:
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._dropped_fractions = []
-        self._mode = epoch_mode(epoch, self.every)
-        if self._mode == FULL:
-            self._release(trainer)
-            self._lr.scale = 1.0
+    def _require_run(self) -> LDBRun:
+        if self._run is None:
+            raise RuntimeError(
+                "LayerDropBackCallback: a training hook ran outside a fit set up by this callback. Pass the callback to"
+                " `Trainer(callbacks=[...])` and call `trainer.fit`; don't call its hooks by hand."
+            )
+        return self._run
+
+    def _close_run(self) -> None:
+        run, self._run = self._run, None
+        if run is None:
             return
-        self._lr.scale = self.lr_scale
-        self._apply_draw(trainer, (epoch, trainer.global_step if self.resample == "step" else None))
+        self._last_seed = run.seed
+        self._last_mode = run.mode
+        self._last_candidates = tuple(layer.name for layer in run.candidates)
+        run.close()
 
-    def _apply_draw(self, trainer: Trainer, key: tuple[int, Optional[int]]) -> None:
-        if key == self._draw_key:
-            # Same draw: only re-freeze what someone else unfroze since (a no-op, and no collective, otherwise).
-            if self._freezer.freeze(param for layer in self._dropped for param in layer.parameters):
-                self._strategy.on_trainable_set_changed(trainer, key, self.dropped_layers)
-            return
-        flags = draw_dropped(len(self._candidates), self.drop_rate, self._seed, *key)
-        dropped = tuple(layer for layer, drop in zip(self._candidates, flags) if drop)
-        self._freezer.restore()
-        self._freezer.freeze(param for layer in dropped for param in layer.parameters)
-        self._dropped = dropped
-        self._draw_key = key
-        dropped_numel = sum(layer.numel for layer in dropped)
-        self._dropped_fractions.append(dropped_numel / self._candidate_numel if self._candidate_numel else 0.0)
-        self._strategy.on_trainable_set_changed(trainer, key, self.dropped_layers)
 
-    def _release(self, trainer: Trainer) -> None:
-        if self._draw_key is None and not self._freezer.frozen:
-            return
-        self._freezer.restore()
-        self._dropped = ()
-        self._draw_key = None
-        self._strategy.on_trainable_set_changed(trainer, None, ())
-
-    def _restore_user_state(self) -> None:
-        # Local only, no collective: on failure the other ranks may be gone.
-        self._freezer.restore()
-        self._dropped = ()
-        self._draw_key = None
-        self._lr.detach()
-
-    def _before_optimizer_step(self, optimizer: Optimizer) -> None:
-        # A ``zero_grad(set_to_none=False)`` would leave dropped parameters a zero tensor gradient,
-        # which momentum and weight decay still act on. Only this optimizer's: another one's scaler
-        # placeholder (``on_after_backward``) must last until that optimizer's own step.
-        self._freezer.clear_grads(optimizer)
+def find_ldb_callback(trainer: Optional[Trainer]) -> Optional[LayerDropBackCallback]:
+    """The trainer's :class:`LayerDropBackCallback`, or ``None``."""
+    if trainer is None:
+        return None
+    return next((cb for cb in trainer.callbacks if isinstance(cb, LayerDropBackCallback)), None)

@@ -11,6 +11,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_ldb import _compat
 from lightning_ldb.layers import Layer
 from lightning_ldb.schedule import is_drop_epoch
 
@@ -20,12 +21,10 @@ def warn_if_step_checkpoints(trainer: Trainer, batch_scale: int) -> None:
     # Lightning places a checkpoint saved on an epoch's last batch by comparing the batches done with the
     # length of the epoch it resumes into. With DROP epochs shorter, the FULL epoch after one resumes as if
     # mid-epoch and runs short. No public hook can correct Lightning's count, so say so up front.
-    # ModelCheckpoint has no public getter for its trigger; these attributes are read, never written.
     by_step = [
         cb
         for cb in trainer.checkpoint_callbacks
-        if isinstance(cb, ModelCheckpoint)
-        and (getattr(cb, "_every_n_train_steps", 0) or getattr(cb, "_train_time_interval", None) is not None)
+        if isinstance(cb, ModelCheckpoint) and _compat.checkpoint_triggers_on_steps(cb)
     ]
     if by_step:
         rank_zero_warn(
@@ -48,7 +47,7 @@ def warn_if_resumed_short_epoch(trainer: Trainer, every: int) -> None:
         return
     loop = trainer.fit_loop.epoch_loop
     carried = loop.batch_progress.current.ready
-    if not (getattr(loop, "restarted_on_train_batch_end", False) and loop.batch_progress.is_last_batch and carried):
+    if not (loop.restarted_on_train_batch_end and loop.batch_progress.is_last_batch and carried):
         return
     if is_drop_epoch(epoch - 1, every) and not is_drop_epoch(epoch, every):
         rank_zero_warn(
@@ -80,14 +79,15 @@ def warn_if_all_droppable(pl_module: LightningModule, candidates: Sequence[Layer
 
 def warn_if_compiled(pl_module: LightningModule, candidates: Sequence[Layer]) -> None:
     """Warn when a compiled module holds droppable layers: each new dropped set recompiles."""
-    from torch._dynamo import OptimizedModule  # imported here: loading dynamo is slow and rarely needed
-
     # A compiled graph is specialised on which of its inputs require a gradient: every new dropped set
     # recompiles (checked: training stays correct, before and after the recompile limit).
-    if getattr(pl_module, "_compiler_ctx", None) is not None:  # trainer.fit(torch.compile(model))
+    if _compat.is_compiled_lightning_module(pl_module):  # trainer.fit(torch.compile(model))
         what = f"the LightningModule {type(pl_module).__name__}"
     else:
-        prefixes = [name for name, module in pl_module.named_modules() if isinstance(module, OptimizedModule)]
+        compiled = _compat.compiled_module_type()
+        if compiled is None:
+            return
+        prefixes = [name for name, module in pl_module.named_modules() if isinstance(module, compiled)]
         hit = [
             name
             for name in prefixes

@@ -11,28 +11,84 @@ import functools
 from typing import Any, Callable, Optional
 
 from lightning.pytorch import Trainer
-from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_ldb.schedule import BatchSchedule
+from lightning_ldb.undo import UndoList
 
 _BATCH_SIZE_ATTRIBUTES = ("self.batch_size", "self.hparams.batch_size")
+#: Where a data source holds the batch schedule of the fit it serves (set by the callback, removed after the fit).
+_SCHEDULE_ATTRIBUTE = "_ldb_batch_schedule"
 
 
-def find_ldb_callback(trainer: Optional[Trainer]) -> Any:
-    """The trainer's :class:`~lightning_ldb.LayerDropBackCallback`, or ``None``."""
-    from lightning_ldb.callback import LayerDropBackCallback
+def attach_batch_schedule(source: Any, schedule: BatchSchedule, undo: UndoList) -> bool:
+    """Hand ``schedule`` to the train data source for one fit, if it is an :class:`LDBDataModuleMixin`.
 
-    if trainer is None:
-        return None
-    return next((cb for cb in trainer.callbacks if isinstance(cb, LayerDropBackCallback)), None)
+    Args:
+        source: The object that supplies the train loader (LightningModule, DataModule or loader).
+        schedule: The fit's batch schedule.
+        undo: Where the change is recorded, to be undone when the fit ends.
+
+    Returns:
+        Whether DROP epochs will load scaled batches.
+    """
+    if not isinstance(source, LDBDataModuleMixin):
+        return False
+    undo.set_attribute(source, _SCHEDULE_ATTRIBUTE, schedule)
+    return True
 
 
-def enable_batch_scaling(trainer: Trainer) -> None:
-    """Make ``trainer`` rebuild the train loader every epoch, so each epoch gets its own batch size."""
-    if trainer.reload_dataloaders_every_n_epochs != 1:
-        trainer.reload_dataloaders_every_n_epochs = 1
-        rank_zero_info(
-            "LayerDropBackCallback: set reload_dataloaders_every_n_epochs=1 so that DROP epochs load batches of the"
-            " scaled size."
-        )
+def batch_schedule_of(source: Any) -> Optional[BatchSchedule]:
+    """The batch schedule ``source`` serves in the running fit, or ``None`` if it loads unscaled batches."""
+    schedule = getattr(source, _SCHEDULE_ATTRIBUTE, None)
+    return schedule if isinstance(schedule, BatchSchedule) and schedule.batch_scale > 1 else None
+
+
+class TrainLoaderReloader:
+    """Makes the trainer rebuild the train loader, and only it, before an epoch whose batch size differs.
+
+    ``reload_dataloaders_every_n_epochs=1`` for the whole fit would rebuild the validation loaders every
+    epoch too. Instead it is set to 1 at the end of an epoch whose successor has another batch size, and
+    put back as soon as the new train loader is built (the validation loop reads it later, during the epoch).
+
+    Args:
+        trainer: The trainer of the fit.
+        schedule: The fit's batch schedule.
+        undo: Where the user's setting is recorded, to be put back when the fit ends.
+    """
+
+    def __init__(self, trainer: Trainer, schedule: BatchSchedule, undo: UndoList) -> None:
+        self._schedule = schedule
+        self._user_value = trainer.reload_dataloaders_every_n_epochs
+        self._forced = False
+        undo.on_undo(lambda: self._put_back(trainer))
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        """Rebuild the train loader if it was built for another epoch than the first one to run.
+
+        On resume from an end-of-epoch checkpoint Lightning builds the loader while ``current_epoch`` still
+        reads the finished epoch; with the setting at 1 it rebuilds it for the epoch that runs, and only then.
+        """
+        self._force(trainer)
+
+    def on_train_epoch_end(self, trainer: Trainer) -> None:
+        """Request a rebuild of the train loader if the next epoch has another batch size."""
+        epoch = trainer.current_epoch
+        if self._schedule.batch_size(epoch + 1, 1) != self._schedule.batch_size(epoch, 1):
+            self._force(trainer)
+
+    def on_loader_built(self, trainer: Trainer) -> None:
+        """The train loader of this epoch is built (epoch or first batch start): put the user's setting back."""
+        self._put_back(trainer)
+
+    def _force(self, trainer: Trainer) -> None:
+        if self._user_value != 1:
+            trainer.reload_dataloaders_every_n_epochs = 1
+            self._forced = True
+
+    def _put_back(self, trainer: Trainer) -> None:
+        if self._forced:
+            trainer.reload_dataloaders_every_n_epochs = self._user_value
+            self._forced = False
 
 
 class LDBDataModuleMixin:
@@ -40,7 +96,8 @@ class LDBDataModuleMixin:
 
     Put it first among the bases. While ``train_dataloader()`` runs, ``self.batch_size`` (or
     ``self.hparams.batch_size``) reads ``batch_size * batch_scale`` if the epoch being loaded is a DROP
-    epoch of the trainer's :class:`~lightning_ldb.LayerDropBackCallback`, and the original value
+    epoch of the trainer's :class:`~lightning_ldb.LayerDropBackCallback` (which hands the mixin its batch
+    schedule for the duration of a fit), and the original value
     otherwise. Validation, test and predict loaders never change. Loaders built some other way can call
     :meth:`ldb_batch_size` themselves.
 
@@ -83,11 +140,11 @@ class LDBDataModuleMixin:
         self._ldb_helper_used = True
         if getattr(self, "_ldb_scaling", False):
             return base
+        schedule = batch_schedule_of(self)
         trainer = _attached_trainer(self)
-        callback = find_ldb_callback(trainer)
-        if callback is None:
+        if schedule is None or trainer is None:
             return base
-        return callback.batch_size_for_epoch(trainer.current_epoch, base)
+        return schedule.batch_size(trainer.current_epoch, base)
 
 
 def _attached_trainer(obj: Any) -> Optional[Trainer]:
@@ -103,8 +160,7 @@ def _scaled_train_dataloader(train_dataloader: Callable[[Any], Any]) -> Callable
     def wrapper(self: Any) -> Any:
         if getattr(self, "_ldb_scaling", False):  # an outer wrapper already scaled the batch size
             return train_dataloader(self)
-        callback = find_ldb_callback(_attached_trainer(self))
-        if callback is None or callback.batch_scale == 1:
+        if batch_schedule_of(self) is None or _attached_trainer(self) is None:
             return train_dataloader(self)
         holders = _batch_size_holders(self)
         if not holders:

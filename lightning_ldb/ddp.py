@@ -23,8 +23,9 @@ parameters are trainable while training runs, so it has to tell DDP. It picks on
     (DDP accepts one hook per wrapper, and a stateful hook such as PowerSGD keeps per-bucket state
     that a re-wrap would invalidate).
 
-The environment variable ``LDB_DDP_COMMUNICATION`` (``auto``, ``rewrap``, ``hook`` or
-``find_unused``) overrides the choice; it is inherited by every launched rank.
+The callback's ``communication`` argument (``"auto"``, ``"rewrap"``, ``"hook"`` or ``"find_unused"``)
+overrides the choice; it is part of the callback's configuration, so configs and checkpoints record
+it. The environment variable ``LDB_DDP_COMMUNICATION`` is a deprecated alias that warns.
 
 Every rank must drop the same layers at the same time. The draws are a pure function of
 ``(seed, epoch[, step])`` and the seed is broadcast from rank 0, so they agree by construction;
@@ -36,7 +37,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import TYPE_CHECKING, Any, Optional
+import warnings
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -45,15 +47,37 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch.nn.parallel import DistributedDataParallel
 
-if TYPE_CHECKING:
-    from lightning_ldb.callback import LayerDropBackCallback
+from lightning_ldb import _compat
+from lightning_ldb.undo import UndoList
 
-#: Environment variable that overrides the communication method LDB picks under DDP.
+#: Deprecated environment variable for the ``communication`` argument.
 COMMUNICATION_ENV = "LDB_DDP_COMMUNICATION"
 #: The communication methods, ``"auto"`` first.
 COMMUNICATION_METHODS = ("auto", "rewrap", "hook", "find_unused")
 
 DrawKey = Optional[tuple[int, Optional[int]]]
+
+
+def requested_communication(communication: str) -> str:
+    """``communication``, or the deprecated ``LDB_DDP_COMMUNICATION`` when the argument is left at ``"auto"``."""
+    value = os.environ.get(COMMUNICATION_ENV, "").strip().lower()
+    if not value:
+        return communication
+    if communication != "auto":
+        warnings.warn(
+            f"{COMMUNICATION_ENV}={value!r} is ignored: LayerDropBackCallback(communication={communication!r}) is"
+            f" given. Unset {COMMUNICATION_ENV}.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return communication
+    warnings.warn(
+        f"{COMMUNICATION_ENV} is deprecated: pass LayerDropBackCallback(communication={value!r}) instead (configs"
+        " and checkpoints then record it).",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return value
 
 
 def choose_communication(strategy: DDPStrategy, resample: str, requested: str = "auto") -> str:
@@ -62,7 +86,7 @@ def choose_communication(strategy: DDPStrategy, resample: str, requested: str = 
     Args:
         strategy: The run's DDP strategy (read only).
         resample: The callback's ``resample`` (``"epoch"`` or ``"step"``).
-        requested: ``"auto"`` or one of the methods, e.g. from ``LDB_DDP_COMMUNICATION``.
+        requested: The callback's ``communication``: ``"auto"`` or one of the methods.
 
     Returns:
         ``"rewrap"``, ``"hook"`` or ``"find_unused"``.
@@ -74,17 +98,16 @@ def choose_communication(strategy: DDPStrategy, resample: str, requested: str = 
     """
     if requested not in COMMUNICATION_METHODS:
         raise ValueError(
-            f"{COMMUNICATION_ENV}={requested!r} is not a communication method LDB knows; use one of"
-            f" {', '.join(COMMUNICATION_METHODS)} (or unset it)."
+            f"`communication` must be one of {list(COMMUNICATION_METHODS)}, got {requested!r}"
+            f" (from {COMMUNICATION_ENV}, which is deprecated: unset it)."
         )
-    # No public getter exists for the DDP kwargs or the comm hook; both are read, never written, here.
-    kwargs = strategy._ddp_kwargs
-    user_comm_hook = strategy._ddp_comm_hook is not None or strategy._ddp_comm_state is not None
+    kwargs = _compat.ddp_kwargs(strategy)
+    user_comm_hook = _compat.ddp_user_comm_hook(strategy)
     if requested == "hook" and user_comm_hook:
         raise ValueError(
-            f"{COMMUNICATION_ENV}='hook' cannot be used together with a ddp_comm_hook/ddp_comm_state on the"
-            " DDPStrategy: DDP accepts one communication hook per wrapper. Unset the variable (LDB then keeps your"
-            " hook and only sets find_unused_parameters=True) or remove the strategy's comm hook."
+            "LayerDropBackCallback(communication='hook') cannot be used together with a ddp_comm_hook/ddp_comm_state"
+            " on the DDPStrategy: DDP accepts one communication hook per wrapper. Pass communication='auto' (LDB then"
+            " keeps your hook and only sets find_unused_parameters=True) or remove the strategy's comm hook."
         )
     if requested != "auto":
         method = requested
@@ -94,7 +117,7 @@ def choose_communication(strategy: DDPStrategy, resample: str, requested: str = 
         method = "rewrap" if resample == "epoch" else "hook"
     if method != "rewrap" and kwargs.get("static_graph"):
         if requested != "auto":
-            reason = f"{COMMUNICATION_ENV}={requested!r} keeps one wrapper"
+            reason = f"communication={requested!r} keeps one wrapper"
         elif user_comm_hook:
             reason = "you configured a DDP communication hook, which LDB does not re-register on a new wrapper"
         else:
@@ -112,19 +135,22 @@ class DDPAdapter:
     """Keeps DistributedDataParallel consistent with LDB's changing set of trainable parameters.
 
     Args:
-        callback: The LDB callback this adapter serves (its ``resample`` decides the method).
+        resample: The callback's ``resample`` (``"epoch"`` or ``"step"``); with ``communication="auto"`` it
+            decides the method.
+        communication: The callback's ``communication``.
     """
 
-    def __init__(self, callback: LayerDropBackCallback) -> None:
-        self.callback = callback
+    def __init__(self, resample: str, communication: str = "auto") -> None:
+        self.resample = resample
+        self.communication = communication
         self.method = "rewrap"
-        self.check = CrossRankDrawCheck(per_draw=callback.resample == "epoch")
+        self.check = CrossRankDrawCheck(per_draw=resample == "epoch")
         # The trainable parameters the current wrapper reduces, and that wrapper; ``None``: unknown.
         self._wrapped_trainable: Optional[tuple[int, ...]] = None
         self._wrapper: Optional[DistributedDataParallel] = None
         self._hooked_wrapper: Optional[DistributedDataParallel] = None
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, undo: UndoList) -> None:
         """Choose the communication method and configure DDP before it wraps the model.
 
         Raises:
@@ -132,16 +158,13 @@ class DDPAdapter:
         """
         strategy = trainer.strategy
         assert isinstance(strategy, DDPStrategy)
-        requested = os.environ.get(COMMUNICATION_ENV, "auto").strip().lower() or "auto"
-        self.method = choose_communication(strategy, self.callback.resample, requested)
-        self._wrapped_trainable = None
-        self._wrapper = None
-        self._hooked_wrapper = None
-        # No public setter exists; Lightning reads these kwargs when it wraps the model, after this hook.
-        kwargs = strategy._ddp_kwargs
+        requested = self.communication
+        self.method = choose_communication(strategy, self.resample, requested)
+        # Lightning reads these kwargs when it wraps the model, after this hook; the fit's undo list puts them back.
+        kwargs = _compat.ddp_kwargs(strategy)
         forced = ""
         if self.method in ("hook", "find_unused") and not kwargs.get("find_unused_parameters"):
-            kwargs["find_unused_parameters"] = True
+            undo.set_item(kwargs, "find_unused_parameters", True)
             forced = " set DDP's find_unused_parameters=True (dropped layers get no gradient) and"
         if self.method == "rewrap":
             rank_zero_info(
@@ -150,12 +173,12 @@ class DDPAdapter:
             )
         elif self.method == "hook":
             rank_zero_info(
-                f"LayerDropBackCallback(resample={self.callback.resample!r}):{forced} registers a DDP communication"
+                f"LayerDropBackCallback(resample={self.resample!r}):{forced} registers a DDP communication"
                 " hook that all-reduces only the gradients of trainable layers."
             )
         else:
             why = (
-                f"{COMMUNICATION_ENV}=find_unused"
+                "communication='find_unused'"
                 if requested == "find_unused"
                 else "the strategy has its own ddp_comm_hook, which LDB neither replaces nor re-registers"
             )
@@ -189,6 +212,12 @@ class DDPAdapter:
             model.register_comm_hook(state=model.process_group, hook=allreduce_trainable_only)
             self._hooked_wrapper = model
 
+    def close(self) -> None:
+        """Let go of the wrappers this adapter built or hooked: the strategy owns them."""
+        self._wrapper = None
+        self._hooked_wrapper = None
+        self._wrapped_trainable = None
+
     def _rewrap(self, strategy: DDPStrategy, wrapper: DistributedDataParallel) -> None:
         module = strategy.lightning_module
         assert module is not None
@@ -203,15 +232,9 @@ class DDPAdapter:
         assert isinstance(new_wrapper, DistributedDataParallel)
         # ``Module.train()`` would recurse into the LightningModule; only the wrapper's own flag is copied.
         new_wrapper.training = wrapper.training
-        # Lightning runs DDP's first-iteration static-graph flush once per strategy (manual optimization only);
-        # a new wrapper has a new first iteration. Private flag, no public reset exists.
-        if hasattr(strategy, "_pl_static_graph_delay_done"):
-            strategy._pl_static_graph_delay_done = False
-        # The old reducer's autograd hooks stay inert (its forward is never called again) and go with it; removing
-        # them now frees them without waiting for the garbage collector (private, absent in older torch).
-        remove_hooks = getattr(wrapper, "_remove_autograd_hooks", None)
-        if callable(remove_hooks):
-            remove_hooks()
+        _compat.reset_static_graph_delay(strategy)
+        # The old reducer's autograd hooks stay inert (its forward is never called again) and go with it.
+        _compat.remove_ddp_autograd_hooks(wrapper)
         self._wrapper = new_wrapper
         self._wrapped_trainable = trainable
 

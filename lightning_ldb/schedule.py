@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from lightning_ldb._checks import check_int
 
 #: The two training modes of an epoch.
@@ -33,3 +35,29 @@ def is_drop_epoch(epoch: int, every: int) -> bool:
 def epoch_mode(epoch: int, every: int) -> str:
     """``"drop"`` or ``"full"``: the mode of ``epoch`` under :func:`is_drop_epoch`."""
     return DROP if is_drop_epoch(epoch, every) else FULL
+
+
+@dataclass(frozen=True)
+class BatchSchedule:
+    """The training batch size of each epoch: ``base * batch_scale`` on DROP epochs, ``base`` otherwise.
+
+    The value the callback hands to the data source (:class:`~lightning_ldb.LDBDataModuleMixin`) and to
+    :func:`~lightning_ldb.estimated_stepping_batches`, so that neither needs the callback itself.
+
+    Example::
+
+        >>> schedule = BatchSchedule(every=2, batch_scale=2)
+        >>> [schedule.batch_size(epoch, 32) for epoch in range(4)]
+        [32, 32, 64, 32]
+    """
+
+    every: int
+    batch_scale: int
+
+    def batch_size(self, epoch: int, base: int) -> int:
+        """The batch size of ``epoch`` for a base batch size ``base``."""
+        return base * self.batch_scale if is_drop_epoch(epoch, self.every) else base
+
+    def base_size(self, epoch: int, loaded: int) -> int:
+        """The base batch size behind ``loaded``, the batch size of a loader built for ``epoch``."""
+        return loaded // self.batch_scale if is_drop_epoch(epoch, self.every) else loaded

@@ -13,7 +13,8 @@ from typing import Union
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
-from lightning_ldb.datamodule import find_ldb_callback
+from lightning_ldb import _compat
+from lightning_ldb.datamodule import batch_schedule_of
 from lightning_ldb.schedule import is_drop_epoch
 
 
@@ -53,8 +54,8 @@ def estimated_stepping_batches(trainer: Trainer) -> Union[int, float]:
         ValueError: If batch scaling is active and the train loader has no length or no ``batch_size``
             (an ``IterableDataset``, a custom batch sampler, several train loaders).
     """
-    callback = find_ldb_callback(trainer)
-    if callback is None or not callback.batch_scaling_active:
+    schedule = batch_schedule_of(_compat.train_data_source(trainer))
+    if schedule is None:
         return trainer.estimated_stepping_batches
     max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
     if (max_epochs is None or max_epochs == -1) and max_steps == -1:
@@ -70,11 +71,11 @@ def estimated_stepping_batches(trainer: Trainer) -> Union[int, float]:
         )
     samples = len(loader.sampler)  # per device, once Lightning has injected its DistributedSampler
     loaded_epoch = trainer.current_epoch  # the loader was built for this epoch's batch size
-    base = loader.batch_size // callback.batch_scale if is_drop_epoch(loaded_epoch, callback.every) else loader.batch_size
+    base = schedule.base_size(loaded_epoch, loader.batch_size)
     per_mode = {
         drop: optimizer_steps_per_epoch(
             samples,
-            base * callback.batch_scale if drop else base,
+            base * schedule.batch_scale if drop else base,
             loader.drop_last,
             trainer.limit_train_batches,
             trainer.accumulate_grad_batches,
@@ -83,7 +84,7 @@ def estimated_stepping_batches(trainer: Trainer) -> Union[int, float]:
     }
     if max_epochs is None or max_epochs == -1:
         return max_steps
-    total = sum(per_mode[is_drop_epoch(epoch, callback.every)] for epoch in range(max_epochs))
+    total = sum(per_mode[is_drop_epoch(epoch, schedule.every)] for epoch in range(max_epochs))
     return min(total, max_steps) if max_steps != -1 else total
 
 

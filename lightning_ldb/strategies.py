@@ -1,24 +1,24 @@
 """Which Lightning strategies LDB can serve, and what each needs when the trainable set changes.
 
 An *adapter* is told, in the callback's ``setup`` (before the strategy wraps the model), to check and
-configure the strategy, and afterwards every time LDB changes which parameters are trainable.
+configure the strategy (recording each change in the fit's undo list), afterwards every time LDB
+changes which parameters are trainable, and finally to let go of everything it holds.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Protocol
+from typing import Optional, Protocol
 
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, XLAStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, Strategy, XLAStrategy
 
-if TYPE_CHECKING:
-    from lightning_ldb.callback import LayerDropBackCallback
+from lightning_ldb.undo import UndoList
 
 
 class StrategyAdapter(Protocol):
     """What the callback asks of an adapter."""
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, undo: UndoList) -> None:
         """Check and configure the strategy; runs in the callback's ``setup``, before the model is wrapped."""
 
     def on_trainable_set_changed(
@@ -26,11 +26,14 @@ class StrategyAdapter(Protocol):
     ) -> None:
         """LDB just froze ``dropped`` for draw ``draw_key``, or (``draw_key=None``) released every layer."""
 
+    def close(self) -> None:
+        """The fit is over: drop every reference to the strategy's objects (wrappers, hooks)."""
+
 
 class NoOpAdapter:
     """A single process holds the only copy of the model: nothing to keep in step."""
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, undo: UndoList) -> None:
         pass
 
     def on_trainable_set_changed(
@@ -38,28 +41,31 @@ class NoOpAdapter:
     ) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
 
 #: Strategies built on ``DDPStrategy`` that do not wrap the model in ``DistributedDataParallel``.
 _NOT_DDP_WRAPPERS = (DeepSpeedStrategy, XLAStrategy)
 
 
-def adapter_for(trainer: Trainer, callback: LayerDropBackCallback) -> StrategyAdapter:
-    """The adapter for ``trainer.strategy``.
+def adapter_for(strategy: Strategy, resample: str, communication: str = "auto") -> StrategyAdapter:
+    """The adapter for ``strategy``.
 
     Args:
-        trainer: The trainer being set up.
-        callback: The LDB callback the adapter serves.
+        strategy: The trainer's strategy.
+        resample: The callback's ``resample`` (``"epoch"`` or ``"step"``).
+        communication: The callback's ``communication`` (DDP's method; see :mod:`lightning_ldb.ddp`).
 
     Raises:
         ValueError: If LDB cannot serve the strategy (FSDP, DeepSpeed, XLA, model parallel, ...).
     """
-    strategy = trainer.strategy
     if type(strategy) is SingleDeviceStrategy:
         return NoOpAdapter()
     if isinstance(strategy, DDPStrategy) and not isinstance(strategy, _NOT_DDP_WRAPPERS):
         from lightning_ldb.ddp import DDPAdapter
 
-        return DDPAdapter(callback)
+        return DDPAdapter(resample, communication)
     raise ValueError(
         f"LayerDropBackCallback does not support strategy {type(strategy).__name__}: LDB drops layers by setting"
         " `requires_grad=False` on their parameters between steps, and sharded or compiled strategies (FSDP, DeepSpeed,"

@@ -30,15 +30,35 @@ class BatchSizes(Callback):
         self.steps[trainer.current_epoch] = trainer.global_step
 
 
+class CountingDataModule(TinyDataModule):
+    """Counts how often Lightning builds each loader."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.built = {"train": [], "val": 0}
+
+    def train_dataloader(self):
+        self.built["train"].append(self.trainer.current_epoch)
+        return super().train_dataloader()
+
+    def val_dataloader(self):
+        self.built["val"] += 1
+        return super().val_dataloader()
+
+
 def test_datamodule_mixin_scales_drop_epochs_only_and_leaves_validation_alone():
     sizes = BatchSizes()
     trainer = make_trainer(5, [LayerDropBackCallback(seed=0, batch_scale=2), sizes], limit_val_batches=None)
-    trainer.fit(TinyMLP(), datamodule=TinyDataModule(batch_size=8, n=40))
+    datamodule = CountingDataModule(batch_size=8, n=40)
+    trainer.fit(TinyMLP(), datamodule=datamodule)
     full, drop = [8] * 5, [16, 16, 8]
     assert sizes.train == {0: full, 1: full, 2: drop, 3: full, 4: drop}
     assert all(v == [8] * 4 for v in sizes.val.values()) and len(sizes.val) == 5
     assert sizes.steps == {0: 5, 1: 10, 2: 13, 3: 18, 4: 21}
-    assert trainer.reload_dataloaders_every_n_epochs == 1  # set by the callback, not by the user
+    # The train loader is rebuilt only where the batch size changes, the validation loader never.
+    assert datamodule.built == {"train": [0, 2, 3, 4], "val": 1}
+    assert trainer.reload_dataloaders_every_n_epochs == 0  # the user's setting, back after fit
+    assert not hasattr(datamodule, "_ldb_batch_schedule")  # the fit's schedule went with it
 
 
 class MixinMLP(LDBDataModuleMixin, TinyMLP):

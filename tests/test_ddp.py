@@ -17,7 +17,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -30,6 +29,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
 from lightning_ldb import LayerDropBackCallback
 from lightning_ldb.ddp import COMMUNICATION_ENV, DDPAdapter, draw_digest
+from torch.nn.parallel import DistributedDataParallel
 from lightning_ldb.strategies import adapter_for
 
 SCRIPTS = Path(__file__).parent / "ddp_scripts"
@@ -241,21 +241,17 @@ def test_resample_epoch_rewraps_with_the_users_ddp_settings(single_process_group
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
-    ("strategy_kwargs", "resample", "env", "match"),
+    ("strategy_kwargs", "resample", "communication", "match"),
     [
-        ({"static_graph": True}, "step", None, r"static_graph=True.*resample='step'"),
-        ({"static_graph": True, "ddp_comm_hook": lambda state, bucket: None}, "epoch", None, r"communication hook"),
-        ({}, "epoch", "telepathy", rf"{COMMUNICATION_ENV}='telepathy'"),
+        ({"static_graph": True}, "step", "auto", r"static_graph=True.*resample='step'"),
+        ({"static_graph": True, "ddp_comm_hook": lambda state, bucket: None}, "epoch", "auto", r"communication hook"),
+        ({"static_graph": True}, "epoch", "find_unused", r"communication='find_unused' keeps one wrapper"),
         ({"ddp_comm_hook": lambda state, bucket: None}, "epoch", "hook", r"one communication hook per wrapper"),
     ],
-    ids=["static-graph-step", "static-graph-comm-hook", "unknown-method", "forced-hook-with-comm-hook"],
+    ids=["static-graph-step", "static-graph-comm-hook", "static-graph-forced-method", "forced-hook-with-comm-hook"],
 )
-def test_ddp_settings_ldb_cannot_serve_fail_in_setup(
-    single_process_group, monkeypatch, strategy_kwargs, resample, env, match
-):
-    if env is not None:
-        monkeypatch.setenv(COMMUNICATION_ENV, env)
-    ldb = LayerDropBackCallback(resample=resample, keep_first=2, batch_scale=1, seed=0)
+def test_ddp_settings_ldb_cannot_serve_fail_in_setup(single_process_group, strategy_kwargs, resample, communication, match):
+    ldb = LayerDropBackCallback(resample=resample, keep_first=2, batch_scale=1, seed=0, communication=communication)
     trainer = make_trainer(max_epochs=1, callbacks=[ldb], strategy=DDPStrategy(**strategy_kwargs))
     model = TinyMLP()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -265,15 +261,65 @@ def test_ddp_settings_ldb_cannot_serve_fail_in_setup(
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
+def test_unknown_communication_method_is_refused_naming_the_argument():
+    with pytest.raises(ValueError, match=r"`communication` must be one of \['auto', 'rewrap', 'hook', 'find_unused'\]"):
+        LayerDropBackCallback(communication="telepathy")
+
+
 class FindUnusedLog(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self.find_unused_parameters = trainer.strategy.model.find_unused_parameters
 
 
+def reachable(root: Any, kind: type, depth: int = 6) -> list[str]:
+    """Paths from ``root`` through attributes, containers and closures to objects of ``kind``."""
+    found, seen = [], set()
+
+    def walk(obj: Any, path: str, level: int) -> None:
+        if id(obj) in seen or level > depth:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, kind):
+            found.append(path)
+            return
+        if isinstance(obj, dict):
+            children = [(f"{path}[{k!r}]", v) for k, v in obj.items()]
+        elif isinstance(obj, (list, tuple, set)):
+            children = [(f"{path}[{i}]", v) for i, v in enumerate(obj)]
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+            children = [(f"{path}.{k}", v) for k, v in vars(obj).items()]
+            closure = getattr(obj, "__closure__", None) or ()
+            children += [(f"{path}.<closure>", cell.cell_contents) for cell in closure]
+        else:
+            return
+        for child_path, child in children:
+            walk(child, child_path, level + 1)
+
+    walk(root, "callback", 0)
+    return found
+
+
 @pytest.mark.timeout(60)
-def test_resample_step_turns_on_find_unused_parameters_before_the_wrap(single_process_group):
-    ldb, log = LayerDropBackCallback(resample="step", keep_first=2, batch_scale=1, seed=0), FindUnusedLog()
-    make_trainer(max_epochs=1, callbacks=[ldb, log], strategy="ddp").fit(TinyMLP())
+@pytest.mark.parametrize("resample", ["step", "epoch"])
+def test_ddp_settings_are_the_users_again_after_fit_and_no_wrapper_stays_with_the_callback(
+    single_process_group, resample
+):
+    ldb, log = LayerDropBackCallback(resample=resample, keep_first=2, batch_scale=1, seed=0), FindUnusedLog()
+    trainer = make_trainer(max_epochs=3, callbacks=[ldb, log], strategy="ddp")
+    before = dict(trainer.strategy._ddp_kwargs)
+    trainer.fit(TinyMLP())
+    assert log.find_unused_parameters is (resample == "step")  # turned on before the wrap for "step"
+    assert trainer.strategy._ddp_kwargs == before
+    assert reachable(ldb, DistributedDataParallel) == []
+
+
+@pytest.mark.timeout(60)
+def test_the_deprecated_environment_variable_still_chooses_the_method_and_warns(single_process_group, monkeypatch):
+    monkeypatch.setenv(COMMUNICATION_ENV, "find_unused")
+    log = FindUnusedLog()
+    ldb = LayerDropBackCallback(keep_first=2, batch_scale=1, seed=0)
+    with pytest.warns(DeprecationWarning, match=r"pass LayerDropBackCallback\(communication='find_unused'\)"):
+        make_trainer(max_epochs=1, callbacks=[ldb, log], strategy="ddp").fit(TinyMLP())
     assert log.find_unused_parameters is True
 
 
@@ -290,14 +336,13 @@ def test_a_users_comm_hook_keeps_one_wrapper_with_find_unused_parameters(single_
 
 def test_sharded_strategies_are_refused_with_the_fix():
     # FSDP needs a GPU in Lightning, so no CPU run can reach setup: the adapter choice is tested on its own.
-    trainer = SimpleNamespace(strategy=FSDPStrategy())
     with pytest.raises(ValueError, match=r"does not support strategy FSDPStrategy.*strategy='ddp'"):
-        adapter_for(trainer, LayerDropBackCallback())
+        adapter_for(FSDPStrategy(), "epoch")
 
 
 def test_ddp_strategies_get_the_ddp_adapter_with_the_method_for_their_resample_mode():
     for resample in ("epoch", "step"):
-        adapter = adapter_for(SimpleNamespace(strategy=DDPStrategy()), LayerDropBackCallback(resample=resample))
+        adapter = adapter_for(DDPStrategy(), resample)
         assert isinstance(adapter, DDPAdapter)
         assert adapter.check.per_draw == (resample == "epoch")
 

@@ -9,7 +9,7 @@ from typing import Any, Optional
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 
-from lightning_ldb.datamodule import find_ldb_callback
+from lightning_ldb.callback import find_ldb_callback
 from lightning_ldb.timing import EpochTimer
 
 
@@ -70,13 +70,12 @@ class EpochSummary(Callback):
     # ------------------------------------------------------------------ hooks
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._dropped_counts, self._steps, self._validated = [], 0, False
-        self._timer.start(pl_module)
+        self._timer.start()
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._steps += 1
-        self._timer.lap(pl_module, last=batch_idx + 1 >= trainer.num_training_batches)
         ldb = find_ldb_callback(trainer)
         if ldb is not None:
             self._dropped_counts.append(len(ldb.dropped_layers))
@@ -99,7 +98,7 @@ class EpochSummary(Callback):
             steps=self._steps,
             dropped=mean(self._dropped_counts) if ldb is not None and self._dropped_counts else None,
             candidates=len(ldb.candidate_layers) if ldb is not None else None,
-            seconds=self._timer.elapsed,
+            seconds=self._timer.stop(),
             train_loss=_as_float(metrics.get("train_loss")),
             monitored=_as_float(metrics.get(self.monitor)) if self._validated else None,
         )

@@ -1,0 +1,109 @@
+"""Every private Lightning and torch attribute LDB reads or writes, in one place.
+
+Lightning and torch offer no public API for these. Each accessor names the versions it was checked on
+and fails loudly when the attribute is missing: a rename in a new release must never switch an LDB
+feature off in silence. Required ones raise :class:`CompatibilityError` naming what LDB could not do;
+optional ones (an optimisation, a warning) warn once and carry on.
+
+Checked on lightning 2.5.0 to 2.6.6 and torch 2.13 to 2.14.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+_VERSIONS = f"lightning {lightning.__version__}, torch {torch.__version__}"
+_warned: set[str] = set()
+
+
+class CompatibilityError(RuntimeError):
+    """An attribute LDB needs is missing from this Lightning or torch release."""
+
+
+def _missing(owner: Any, name: str, consequence: str, required: bool) -> None:
+    message = (
+        f"lightning-ldb: {type(owner).__name__}.{name} is missing in {_VERSIONS}, so {consequence}. lightning-ldb was"
+        " checked on lightning 2.5.0-2.6.6 and torch 2.13-2.14: install one of those, or report this."
+    )
+    if required:
+        raise CompatibilityError(message)
+    if message not in _warned:
+        _warned.add(message)
+        rank_zero_warn(message)
+
+
+def _get(owner: Any, name: str, consequence: str, required: bool = True, default: Any = None) -> Any:
+    if hasattr(owner, name):
+        return getattr(owner, name)
+    _missing(owner, name, consequence, required)
+    return default
+
+
+# ---------------------------------------------------------------------------------------------- DDPStrategy
+def ddp_kwargs(strategy: Any) -> dict[str, Any]:
+    """The kwargs ``DDPStrategy`` passes to ``DistributedDataParallel`` (a live dict: writes reach the next wrap)."""
+    return _get(strategy, "_ddp_kwargs", "LDB cannot configure DistributedDataParallel for dropped layers")
+
+
+def ddp_user_comm_hook(strategy: Any) -> bool:
+    """Whether the user gave ``DDPStrategy`` a communication hook (or its state)."""
+    consequence = "LDB cannot tell whether you configured a DDP communication hook"
+    hook = _get(strategy, "_ddp_comm_hook", consequence)
+    state = _get(strategy, "_ddp_comm_state", consequence)
+    return hook is not None or state is not None
+
+
+def reset_static_graph_delay(strategy: Any) -> None:
+    """Make Lightning redo DDP's first-iteration static-graph flush for a new wrapper (manual optimization)."""
+    # Lightning runs that flush once per strategy; a new wrapper has a new first iteration.
+    if hasattr(strategy, "_pl_static_graph_delay_done"):
+        strategy._pl_static_graph_delay_done = False
+
+
+def remove_ddp_autograd_hooks(wrapper: Any) -> None:
+    """Free an abandoned ``DistributedDataParallel`` wrapper's autograd hooks now, not at garbage collection."""
+    remove = _get(
+        wrapper,
+        "_remove_autograd_hooks",
+        "an old DDP wrapper's (inert) hooks live until garbage collection",
+        required=False,
+    )
+    if callable(remove):
+        remove()
+
+
+# ---------------------------------------------------------------------------------------------- loops and data
+def train_data_source(trainer: Any) -> Any:
+    """What supplies the train loader: the LightningModule, the DataModule, or the loader(s) given to ``fit``."""
+    source = _get(trainer.fit_loop, "_data_source", "LDB cannot tell which object supplies the train loader")
+    return _get(source, "instance", "LDB cannot tell which object supplies the train loader")
+
+
+# ---------------------------------------------------------------------------------------------- callbacks
+def checkpoint_triggers_on_steps(checkpoint: Any) -> bool:
+    """Whether a ``ModelCheckpoint`` saves every n train steps or on a train-time interval."""
+    consequence = "LDB cannot warn about step-triggered checkpoints that resume short"
+    steps = _get(checkpoint, "_every_n_train_steps", consequence, required=False, default=0)
+    interval = _get(checkpoint, "_train_time_interval", consequence, required=False, default=None)
+    return bool(steps) or interval is not None
+
+
+# ---------------------------------------------------------------------------------------------- torch.compile
+def is_compiled_lightning_module(pl_module: Any) -> bool:
+    """Whether ``pl_module`` was passed to ``fit`` through ``torch.compile``."""
+    # Lightning unwraps the compiled module and keeps the compiler's settings here.
+    return getattr(pl_module, "_compiler_ctx", None) is not None
+
+
+def compiled_module_type() -> Optional[type]:
+    """The class of ``torch.compile``'d submodules (imported lazily: loading dynamo is slow)."""
+    try:
+        from torch._dynamo import OptimizedModule
+    except ImportError:
+        _missing(torch, "_dynamo.OptimizedModule", "LDB cannot warn about compiled layers that recompile", False)
+        return None
+    return OptimizedModule
