@@ -263,6 +263,17 @@ def table(result: dict[str, Any], drop_rates: Sequence[float]) -> str:
     return "\n".join(lines)
 
 
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet18-cifar,vit-small", help=f"comma-separated, from {list(MODELS)}")
@@ -281,7 +292,7 @@ def main() -> None:
     environment = {
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_model(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
