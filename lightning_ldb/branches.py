@@ -208,6 +208,7 @@ def _spec_error(spec: Any, problem: str, fix: str) -> ValueError:
 def _user_branches(model: nn.Module, spec: Mapping[str, Sequence[str]], positions: Mapping[str, int]) -> list[Branch]:
     example = ' e.g. branches={"blocks.*.norm1": ["attn", "ls1"]}'
     found = []
+    claimed: dict[str, str] = {}  # entry -> the pattern that matched it
     for pattern, relatives in spec.items():
         if not isinstance(pattern, str) or not pattern:
             raise TypeError(
@@ -230,6 +231,13 @@ def _user_branches(model: nn.Module, spec: Mapping[str, Sequence[str]], position
                 f"Use qualified names as in model.named_modules() (e.g. {some}, ...).",
             )
         for entry in entries:
+            if entry in claimed:
+                raise _spec_error(
+                    spec,
+                    f"the module {entry!r} is matched by both {claimed[entry]!r} and {pattern!r}",
+                    "Make the patterns match disjoint entry modules.",
+                )
+            claimed[entry] = pattern
             parent = entry.rpartition(".")[0]
             block = model.get_submodule(parent)
             qualified = [entry]
@@ -288,8 +296,8 @@ def discover_branches(model: nn.Module, branches: BranchesSpec = None) -> list[B
 
     Raises:
         TypeError: If ``branches`` is not one of the forms above.
-        ValueError: If a pattern matches no module, a listed module does not exist, a branch has no
-            parameters, or two branches share a parameter.
+        ValueError: If a pattern matches no module, two patterns match the same entry, a listed module
+            does not exist, a branch has no parameters, or two branches share a parameter.
 
     Example::
 

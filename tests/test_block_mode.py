@@ -374,6 +374,7 @@ def test_a_callable_spec_returns_exactly_its_branches() -> None:
         ({"": ["out"]}, TypeError, "non-empty fnmatch patterns"),
         ({"1.fc": ["out"], "1.out": ["fc"]}, ValueError, "share a parameter"),
         ({"1": ["1.1"]}, ValueError, "has no module"),
+        ({"1.fc": ["out"], "[1].fc": ["out"]}, ValueError, "matched by both"),
         (["*.fc"], TypeError, "a mapping"),
         (lambda m: ["1.fc"], TypeError, "must return Branch objects"),
     ],
@@ -388,3 +389,29 @@ def test_a_branch_without_parameters_is_refused() -> None:
     model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
     with pytest.raises(ValueError, match=r"`branches`.*'1'.*has no parameters"):
         discover_branches(model, {"1": []})
+
+
+def test_the_hook_detaches_tensors_nested_in_any_argument_and_leaves_the_rest() -> None:
+    seen: dict[str, Any] = {}
+
+    class Entry(nn.Module):
+        def forward(self, x: torch.Tensor, pair: tuple, options: dict, flag: bool = False) -> torch.Tensor:
+            seen.update(x=x, pair=pair, options=options, flag=flag)
+            return x
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.entry, self.fc = Entry(), nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.fc(self.entry(x, (x, [x, 3]), options={"t": x, "n": None}, flag=True))
+
+    model = nn.Sequential(Block())
+    detacher = BranchInputDetacher()
+    detacher.detach(discover_branches(model, {"0.entry": ["fc"]}))
+    model(torch.ones(1, 2, requires_grad=True))
+    tensors = [seen["x"], seen["pair"][0], seen["pair"][1][0], seen["options"]["t"]]
+    assert all(not t.requires_grad for t in tensors)
+    assert seen["pair"][1][1] == 3 and seen["options"]["n"] is None and seen["flag"] is True
+    assert isinstance(seen["pair"], tuple) and isinstance(seen["pair"][1], list)
