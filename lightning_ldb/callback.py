@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 from lightning.pytorch import LightningModule, Trainer
@@ -17,6 +17,8 @@ from lightning_ldb.run import LDBRun, RunSettings
 from lightning_ldb.schedule import FULL, BatchSchedule, is_drop_epoch
 
 RESAMPLE_MODES = ("epoch", "step")
+#: What a dropped layer skips in the backward pass.
+BACKWARD_MODES = ("weights", "block")
 
 #: The arguments that decide what a run drops; a checkpoint made with other values warns on resume.
 _CONFIG_KEYS = (
@@ -31,6 +33,8 @@ _CONFIG_KEYS = (
     "include",
     "exclude",
     "communication",
+    "backward",
+    "branches",
 )
 
 
@@ -68,6 +72,15 @@ class LayerDropBackCallback(Callback):
             (``"rewrap"`` with ``resample="epoch"``, ``"hook"`` with ``resample="step"``, ``"find_unused"``
             when the strategy has its own comm hook), or one of those three (see ``docs/ddp.md``). Ignored
             without DDP.
+        backward: What a dropped unit skips in the backward pass. ``"weights"`` (the paper): a dropped layer
+            gets no weight gradient; everything else is exact. ``"block"``: the unit is a residual branch
+            ``F`` of ``y = x + F(x)``, computed on its detached input with frozen weights, so the backward skips
+            the whole branch (weights and input gradients); the forward is unchanged, the gradients of layers
+            below a dropped branch are those of the network without that branch (see ``docs/block-mode.md``).
+        branches: With ``backward="block"``: ``None`` uses the built-in rules (torchvision ResNet and Swin, timm
+            ViT, Hugging Face GPT-2, BERT and Llama-style layers); a mapping ``{entry pattern: [member names]}``
+            names the branches of any model (member names relative to the entry's parent block); a callable
+            ``model -> [Branch, ...]`` builds them.
 
     Raises:
         TypeError: If an argument has the wrong type.
@@ -95,6 +108,8 @@ class LayerDropBackCallback(Callback):
         include: Optional[Sequence[str]] = None,
         exclude: Optional[Sequence[str]] = None,
         communication: str = "auto",
+        backward: str = "weights",
+        branches: Any = None,
     ) -> None:
         super().__init__()
         self.drop_rate = check_float("drop_rate", drop_rate, 0.0, 1.0)
@@ -111,12 +126,22 @@ class LayerDropBackCallback(Callback):
         self.exclude = check_patterns("exclude", exclude)
         self.seed_argument: Optional[int] = seed
         self.communication = check_choice("communication", communication, COMMUNICATION_METHODS)
+        self.backward = check_choice("backward", backward, BACKWARD_MODES)
+        if branches is not None and not (isinstance(branches, Mapping) or callable(branches)):
+            raise TypeError(
+                "`branches` must be None (the built-in rules), a mapping {entry pattern: [member names]} (e.g."
+                f" {{'blocks.*.norm1': ['attn']}}) or a callable model -> branches, got {branches!r}."
+            )
+        if branches is not None and backward != "block":
+            raise ValueError(f"`branches` is used by backward='block' only, got backward={backward!r}. Pass backward='block'.")
+        self.branches = branches
 
         self._run: Optional[LDBRun] = None
         # What the last fit left for introspection and ``state_dict`` after it ended (no live objects).
         self._last_seed: Optional[int] = None
         self._last_mode = FULL
         self._last_candidates: tuple[str, ...] = ()
+        self._last_run_order: Optional[list[str]] = None
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -187,6 +212,11 @@ class LayerDropBackCallback(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._require_run().on_train_batch_start(trainer)
 
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._require_run().on_train_batch_end(trainer)
+
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._require_run().on_after_backward(trainer)
 
@@ -204,25 +234,37 @@ class LayerDropBackCallback(Callback):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "config": {key: getattr(self, key) for key in _CONFIG_KEYS}}
+        run_order = self._run.run_order if self._run is not None else self._last_run_order
+        return {
+            "seed": self.seed,
+            "run_order": list(run_order) if run_order is not None else None,
+            "config": {key: self._config_value(key) for key in _CONFIG_KEYS},
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Only the seed is restored: every draw is a function of (seed, epoch[, step]). Never freeze
         # here: this runs before the strategy wraps the model.
         saved = state_dict.get("config", {})
-        changed = {k: (saved[k], getattr(self, k)) for k in _CONFIG_KEYS if k in saved and saved[k] != getattr(self, k)}
+        current = {key: self._config_value(key) for key in _CONFIG_KEYS}
+        changed = {k: (saved[k], current[k]) for k in _CONFIG_KEYS if k in saved and saved[k] != current[k]}
         if changed:
             details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
             rank_zero_warn(f"LayerDropBackCallback resumes with other settings than the checkpoint's ({details}).")
-        seed = state_dict.get("seed")
-        if seed is None:
+        seed, run_order = state_dict.get("seed"), state_dict.get("run_order")
+        if self._run is None:
+            self._last_seed, self._last_run_order = seed, run_order
             return
-        if self._run is not None:
+        if seed is not None:
             self._run.restore_seed(seed)
-        else:
-            self._last_seed = seed
+        self._run.restore_run_order(run_order)
 
     # ------------------------------------------------------------------ internals
+    def _config_value(self, key: str) -> Any:
+        value = getattr(self, key)
+        if key == "branches" and callable(value):  # a function is recorded by name, not pickled
+            return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__name__)}"
+        return dict(value) if isinstance(value, Mapping) else value
+
     def _settings(self) -> RunSettings:
         return RunSettings(
             drop_rate=self.drop_rate,
@@ -237,6 +279,8 @@ class LayerDropBackCallback(Callback):
             include=self.include,
             exclude=self.exclude,
             communication=self.communication,
+            backward=self.backward,
+            branches=self.branches,
         )
 
     def _require_run(self) -> LDBRun:
@@ -254,6 +298,7 @@ class LayerDropBackCallback(Callback):
         self._last_seed = run.seed
         self._last_mode = run.mode
         self._last_candidates = tuple(layer.name for layer in run.candidates)
+        self._last_run_order = run.run_order
         run.close()
 
 

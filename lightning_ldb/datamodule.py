@@ -47,20 +47,22 @@ class TrainLoaderReloader:
     """Makes the trainer rebuild the train loader, and only it, before an epoch whose batch size differs.
 
     ``reload_dataloaders_every_n_epochs=1`` for the whole fit would rebuild the validation loaders every
-    epoch too. Instead it is set to 1 at the end of an epoch whose successor has another batch size, and
-    put back as soon as the new train loader is built (the validation loop reads it later, during the epoch).
+    epoch too. Instead it is set to 1 just before an epoch whose batch size differs from the loaded one,
+    and put back as soon as the new train loader is built (the validation loop reads it later, during the
+    epoch). An integer ``limit_train_batches`` is set for the epoch alike (see :class:`BatchSchedule`).
 
     Args:
         trainer: The trainer of the fit.
-        schedule: The fit's batch schedule.
-        undo: Where the user's setting is recorded, to be put back when the fit ends.
+        schedule: The fit's batch schedule (with the user's ``limit_train_batches``).
+        undo: Where the user's settings are recorded, to be put back when the fit ends.
     """
 
     def __init__(self, trainer: Trainer, schedule: BatchSchedule, undo: UndoList) -> None:
         self._schedule = schedule
-        self._user_value = trainer.reload_dataloaders_every_n_epochs
+        self._user_reload = trainer.reload_dataloaders_every_n_epochs
         self._forced = False
-        undo.on_undo(lambda: self._put_back(trainer))
+        undo.set_attribute(trainer, "limit_train_batches", trainer.limit_train_batches)
+        undo.on_undo(lambda: self.on_loader_built(trainer))
 
     def on_train_start(self, trainer: Trainer) -> None:
         """Rebuild the train loader if it was built for another epoch than the first one to run.
@@ -68,27 +70,25 @@ class TrainLoaderReloader:
         On resume from an end-of-epoch checkpoint Lightning builds the loader while ``current_epoch`` still
         reads the finished epoch; with the setting at 1 it rebuilds it for the epoch that runs, and only then.
         """
-        self._force(trainer)
+        self._prepare(trainer, trainer.current_epoch)
 
     def on_train_epoch_end(self, trainer: Trainer) -> None:
         """Request a rebuild of the train loader if the next epoch has another batch size."""
         epoch = trainer.current_epoch
         if self._schedule.batch_size(epoch + 1, 1) != self._schedule.batch_size(epoch, 1):
-            self._force(trainer)
+            self._prepare(trainer, epoch + 1)
 
     def on_loader_built(self, trainer: Trainer) -> None:
         """The train loader of this epoch is built (epoch or first batch start): put the user's setting back."""
-        self._put_back(trainer)
+        if self._forced:
+            trainer.reload_dataloaders_every_n_epochs = self._user_reload
+            self._forced = False
 
-    def _force(self, trainer: Trainer) -> None:
-        if self._user_value != 1:
+    def _prepare(self, trainer: Trainer, epoch: int) -> None:
+        trainer.limit_train_batches = self._schedule.limit_batches(epoch)
+        if self._user_reload != 1:
             trainer.reload_dataloaders_every_n_epochs = 1
             self._forced = True
-
-    def _put_back(self, trainer: Trainer) -> None:
-        if self._forced:
-            trainer.reload_dataloaders_every_n_epochs = self._user_value
-            self._forced = False
 
 
 class LDBDataModuleMixin:
@@ -169,8 +169,8 @@ def _scaled_train_dataloader(train_dataloader: Callable[[Any], Any]) -> Callable
             if not self._ldb_helper_used:
                 raise ValueError(
                     f"LDBDataModuleMixin found no batch size on {type(self).__name__}: it looks for an int in"
-                    f" {' or '.join(_BATCH_SIZE_ATTRIBUTES)}. Set one of them, or build the train loader with"
-                    " `batch_size=self.ldb_batch_size(base)`."
+                    f" {' or '.join(_BATCH_SIZE_ATTRIBUTES)} (a property needs a setter). Set one of them, or build"
+                    " the train loader with `batch_size=self.ldb_batch_size(base)`."
                 )
             return loader
         bases = [holder[key] for holder, key in holders]
@@ -179,11 +179,14 @@ def _scaled_train_dataloader(train_dataloader: Callable[[Any], Any]) -> Callable
         try:
             for (holder, key), size in zip(holders, scaled):
                 holder[key] = size
-            return train_dataloader(self)
+            loader = train_dataloader(self)
         finally:
             for (holder, key), base in zip(holders, bases):
                 holder[key] = base
             self._ldb_scaling = False
+        if scaled != bases:
+            _check_scaled(self, loader, bases, scaled)
+        return loader
 
     wrapper._ldb_scaled = True  # type: ignore[attr-defined]
     return wrapper
@@ -202,9 +205,32 @@ class _AttributeHolder:
         setattr(self.obj, key, value)
 
 
+def _check_scaled(obj: Any, loader: Any, bases: list[int], scaled: list[int]) -> None:
+    """Raise if the loader ``train_dataloader()`` returned on a DROP epoch does not load the scaled batch size."""
+    loaded = _loader_batch_size(loader)
+    if loaded is None or loaded in scaled:
+        return  # a loader of unknown batch size (custom sampler) cannot be checked
+    raise ValueError(
+        f"LDBDataModuleMixin scaled {type(obj).__name__}'s batch size from {bases[0]} to {scaled[0]} for this DROP"
+        f" epoch, but its train_dataloader() returned a loader with batch_size={loaded}, so the epoch would train at"
+        " the unscaled size while its learning rate is scaled. Build the train loader inside train_dataloader() from"
+        " `self.batch_size` (not once in setup(), not from another attribute), or pass"
+        " `batch_size=self.ldb_batch_size(base)`."
+    )
+
+
+def _loader_batch_size(loader: Any) -> Optional[int]:
+    size = getattr(loader, "batch_size", None)
+    if size is None:
+        size = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    return size if _is_int(size) else None
+
+
 def _batch_size_holders(obj: Any) -> list[tuple[Any, str]]:
     holders: list[tuple[Any, str]] = []
-    if _is_int(getattr(obj, "batch_size", None)) and not isinstance(getattr(type(obj), "batch_size", None), property):
+    declared = getattr(type(obj), "batch_size", None)
+    settable = not isinstance(declared, property) or declared.fset is not None
+    if _is_int(getattr(obj, "batch_size", None)) and settable:
         holders.append((_AttributeHolder(obj), "batch_size"))
     hparams = getattr(obj, "hparams", None)
     if hparams is not None and _is_int(hparams.get("batch_size") if hasattr(hparams, "get") else None):

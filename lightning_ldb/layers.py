@@ -2,9 +2,10 @@
 
 A *layer* is either a module that directly owns parameters (``granularity="module"``, the paper's
 reading) or a single parameter tensor (``granularity="parameter"``, the authors' published code).
-Layers are listed in ``named_modules()`` order, each shared parameter counted once, and the list
-is structural: it does not depend on which parameters are trainable right now, so a draw made from
-it is the same whatever the user has frozen.
+:func:`discover_layers` lists them in registration (``named_modules()``) order; :func:`order_layers`
+puts them in the order in which they run, as observed on a training step, since "first" and "last"
+mean first and last to run. A parameter shared by several modules (tied weights) belongs to each of
+their layers. Parameters of lazy modules that are not materialised yet belong to no layer.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from fnmatch import fnmatchcase
 from typing import Optional
 
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 GRANULARITIES = ("module", "parameter")
 
@@ -30,9 +32,27 @@ class Layer:
     def numel(self) -> int:
         return sum(p.numel() for p in self.parameters)
 
+    @property
+    def trainable(self) -> bool:
+        """Whether any of its parameters requires a gradient right now."""
+        return any(p.requires_grad for p in self.parameters)
+
+
+def module_of(layer_name: str, granularity: str) -> str:
+    """The qualified name of the module whose forward runs ``layer_name`` (a parameter's owner for ``"parameter"``)."""
+    return layer_name.rpartition(".")[0] if granularity == "parameter" else layer_name
+
+
+def unique_numel(parameters: Sequence[nn.Parameter]) -> int:
+    """Elements of ``parameters``, each tensor counted once."""
+    return sum(p.numel() for p in {id(p): p for p in parameters}.values())
+
 
 def discover_layers(model: nn.Module, granularity: str = "module") -> list[Layer]:
-    """List ``model``'s layers in ``named_modules()`` order, each shared parameter counted once.
+    """List ``model``'s layers in ``named_modules()`` order.
+
+    A parameter shared by several modules belongs to each of their layers; an uninitialised
+    parameter of a lazy module (``nn.LazyLinear`` before its first forward) to none.
 
     Args:
         model: The module to inspect.
@@ -49,18 +69,33 @@ def discover_layers(model: nn.Module, granularity: str = "module") -> list[Layer
         ['0.weight', '0.bias', '2.weight', '2.bias']
     """
     if granularity == "parameter":
-        return [Layer(name, (param,)) for name, param in model.named_parameters()]
-    seen: set[int] = set()
+        return [Layer(name, (param,)) for name, param in model.named_parameters() if not is_lazy(param)]
     layers = []
-    for name, module in model.named_modules():
-        owned = []
-        for param in module.parameters(recurse=False):
-            if id(param) not in seen:
-                seen.add(id(param))
-                owned.append(param)
+    for name, module in model.named_modules():  # a module used twice is one layer
+        owned = tuple(param for param in module.parameters(recurse=False) if not is_lazy(param))
         if owned:
-            layers.append(Layer(name, tuple(owned)))
+            layers.append(Layer(name, owned))
     return layers
+
+
+def order_layers(layers: Sequence[Layer], run_order: Sequence[str], granularity: str = "module") -> list[Layer]:
+    """``layers`` in the order their modules first ran; layers never seen running keep registration order, last.
+
+    Args:
+        layers: The layers, in registration order.
+        run_order: Qualified module names in the order of their first forward call on a training step.
+        granularity: The granularity ``layers`` were discovered with.
+
+    Example::
+
+        >>> head_first = [Layer("head", ()), Layer("body", ()), Layer("unused", ())]
+        >>> [layer.name for layer in order_layers(head_first, ["body", "head"])]
+        ['body', 'head', 'unused']
+    """
+    rank = {name: index for index, name in enumerate(run_order)}
+    unseen = len(rank)
+    positions = {id(layer): (rank.get(module_of(layer.name, granularity), unseen), i) for i, layer in enumerate(layers)}
+    return sorted(layers, key=lambda layer: positions[id(layer)])
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -95,3 +130,37 @@ def select_candidates(
         for layer in middle
         if (include is None or _matches(layer.name, include)) and not (exclude and _matches(layer.name, exclude))
     ]
+
+
+class RunOrderRecorder:
+    """Records the order in which ``model``'s modules first run, through forward pre-hooks, until :meth:`stop`.
+
+    Example::
+
+        >>> import torch
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+        >>> recorder = RunOrderRecorder(model)
+        >>> _ = model(torch.zeros(1, 2))
+        >>> recorder.stop()
+        ['', '0', '1']
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._order: dict[str, None] = {}
+        self._handles = [
+            module.register_forward_pre_hook(self._recorder(name))
+            for name, module in model.named_modules(remove_duplicate=False)
+        ]
+
+    def _recorder(self, name: str):  # noqa: ANN202
+        def record(module: nn.Module, args: object) -> None:
+            self._order.setdefault(name, None)
+
+        return record
+
+    def stop(self) -> list[str]:
+        """Remove the hooks; return the module names in the order they first ran."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        return list(self._order)

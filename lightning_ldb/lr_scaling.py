@@ -9,9 +9,12 @@ optimizer's step pre/post hooks, is exact for every scheduler, and schedulers,
 
 from __future__ import annotations
 
+import numbers
+import warnings
 from collections.abc import Iterable
 from typing import Any, Callable, Optional
 
+import torch
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
@@ -27,6 +30,8 @@ class StepLRScaler:
         self.scale = 1.0
         self._before_step = before_step
         self._handles: list[RemovableHandle] = []
+        self._attached: dict[int, Optimizer] = {}
+        self._warned: set[int] = set()
         self._unscaled: dict[int, tuple[Optimizer, list[Any]]] = {}
         # Hook calls in progress per optimizer. torch wraps each optimizer class's own ``step`` with the hooks,
         # so a subclass whose ``step`` calls ``super().step()`` runs them twice, nested: only the outermost
@@ -36,7 +41,14 @@ class StepLRScaler:
     def attach(self, optimizers: Iterable[Optimizer]) -> None:
         """Hook into ``optimizers`` (replacing any earlier attachment)."""
         self.detach()
+        self.attach_new(optimizers)
+
+    def attach_new(self, optimizers: Iterable[Optimizer]) -> None:
+        """Hook into those of ``optimizers`` not hooked yet (optimizers recreated during fit); never twice."""
         for optimizer in optimizers:
+            if self._attached.get(id(optimizer)) is optimizer:
+                continue
+            self._attached[id(optimizer)] = optimizer
             self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
             self._handles.append(optimizer.register_step_post_hook(self._post_step))
 
@@ -46,6 +58,7 @@ class StepLRScaler:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._attached.clear()
 
     def restore(self) -> None:
         """Put back the unscaled ``lr`` of any optimizer whose step raised before its post hook."""
@@ -64,7 +77,11 @@ class StepLRScaler:
             self._before_step(optimizer)
         if self.scale == 1.0:
             return
-        self._unscaled[id(optimizer)] = (optimizer, [group["lr"] for group in optimizer.param_groups])
+        lrs = [group.get("lr") for group in optimizer.param_groups]
+        if not all(_is_scalable(lr) for lr in lrs):
+            self._warn_unscalable(optimizer, lrs)
+            return
+        self._unscaled[id(optimizer)] = (optimizer, lrs)
         for group in optimizer.param_groups:
             group["lr"] = group["lr"] * self.scale
 
@@ -77,3 +94,20 @@ class StepLRScaler:
         if entry is not None:
             for group, lr in zip(optimizer.param_groups, entry[1]):
                 group["lr"] = lr
+
+    def _warn_unscalable(self, optimizer: Optimizer, lrs: list[Any]) -> None:
+        if id(optimizer) in self._warned:
+            return
+        self._warned.add(id(optimizer))
+        warnings.warn(
+            f"LayerDropBackCallback(lr_scale={self.scale}) cannot scale the learning rate of {type(optimizer).__name__}:"
+            f" its param groups hold lr={lrs[0]!r}, so it computes its own step size (e.g. Adafactor with"
+            " relative_step=True). DROP epochs still drop layers and scale the batch, at the optimizer's own step"
+            " size. Give the optimizer an explicit lr to have it scaled.",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
+def _is_scalable(lr: Any) -> bool:
+    return (isinstance(lr, numbers.Real) and not isinstance(lr, bool)) or isinstance(lr, torch.Tensor)

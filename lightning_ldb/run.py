@@ -10,17 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
 from lightning_ldb import _compat, compatibility, strategies
+from lightning_ldb.branches import Branch, BranchesSpec, discover_branches, select_branch_candidates
 from lightning_ldb.datamodule import LDBDataModuleMixin, TrainLoaderReloader, attach_batch_schedule
 from lightning_ldb.ddp import requested_communication
+from lightning_ldb.detaching import BranchInputDetacher
 from lightning_ldb.freezing import ParameterFreezer
-from lightning_ldb.layers import Layer, discover_layers, select_candidates
+from lightning_ldb.layers import Layer, RunOrderRecorder, discover_layers, order_layers, select_candidates, unique_numel
 from lightning_ldb.lr_scaling import StepLRScaler
 from lightning_ldb.sampling import draw_dropped, fresh_seed, global_seed
 from lightning_ldb.schedule import DROP, FULL, BatchSchedule, epoch_mode
@@ -46,10 +48,11 @@ class RunSettings:
     include: Optional[tuple[str, ...]]
     exclude: Optional[tuple[str, ...]]
     communication: str
+    backward: str = "weights"
+    branches: BranchesSpec = None
 
-    @property
-    def batch_schedule(self) -> BatchSchedule:
-        return BatchSchedule(self.every, self.batch_scale)
+    def batch_schedule(self, limit_train_batches: Union[int, float, None] = None) -> BatchSchedule:
+        return BatchSchedule(self.every, self.batch_scale, limit_train_batches)
 
 
 class LDBRun:
@@ -68,15 +71,23 @@ class LDBRun:
         self.settings = settings
         self.undo = UndoList()
         self.freezer = ParameterFreezer()
+        self.detacher = BranchInputDetacher()
         self.lr = StepLRScaler(before_step=self._before_optimizer_step)
         self.timer = EpochTimer()
-        self.candidates: list[Layer] = []
+        self.layers: list[Layer] = []  # registration order
+        self.branches: list[Branch] = []  # residual branches (``backward="block"``)
+        #: Module names in the order they first ran on a training step (``None``: not observed yet).
+        self.run_order: Optional[list[str]] = None
+        self.candidates: list[Any] = []  # layers, or branches in block mode
         self.mode = FULL
-        self.dropped: tuple[Layer, ...] = ()
-        self._candidate_numel = 0
+        self.dropped: tuple[Any, ...] = ()
+        self._ordered: list[Layer] = []
+        self._recorder: Optional[RunOrderRecorder] = None
+        self._module: Optional[LightningModule] = None
         self._epoch: Optional[int] = None
         self._draw_key: Optional[DrawKey] = None
         self._dropped_fractions: list[float] = []
+        self._dropped_parameters: list[Any] = []
         self._reloader: Optional[TrainLoaderReloader] = None
 
         communication = requested_communication(settings.communication)
@@ -85,7 +96,7 @@ class LDBRun:
         self.seed = self._resolve_seed(trainer)
         if any(True for _ in pl_module.parameters()):
             # Layers made in ``configure_model`` do not exist yet; ``on_fit_start`` looks again.
-            self._find_candidates(pl_module)
+            self._find_layers(pl_module)
         self.batch_scaling_active = self._attach_batch_schedule(trainer, pl_module)
         if self.batch_scaling_active:
             compatibility.warn_if_step_checkpoints(trainer, settings.batch_scale)
@@ -103,9 +114,15 @@ class LDBRun:
             return
         self.seed = seed
 
+    def restore_run_order(self, run_order: Optional[Sequence[str]]) -> None:
+        """Take the run order observed before the checkpoint was made (``None``: observe it anew)."""
+        self.run_order = list(run_order) if run_order is not None else None
+        self._ordered = order_layers(self.layers, self.run_order or (), self.settings.granularity)
+
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, pl_module: LightningModule) -> None:
-        self._find_candidates(pl_module)
+        self._module = pl_module
+        self._find_layers(pl_module)
         compatibility.warn_if_compiled(pl_module, self.candidates)
         compatibility.warn_if_all_droppable(pl_module, self.candidates, self.settings.drop_rate)
 
@@ -129,15 +146,27 @@ class LDBRun:
     def on_train_batch_start(self, trainer: Trainer) -> None:
         if self._reloader is not None:  # a mid-epoch resume skips ``on_train_epoch_start``
             self._reloader.on_loader_built(trainer)
+        # Optimizers made during fit (a callback calling ``setup_optimizers``) are hooked on their first step.
+        self.lr.attach_new(trainer.optimizers)
+        if self.run_order is None and self._recorder is None and self._module is not None:
+            self._recorder = RunOrderRecorder(self._module)
         if self.mode != DROP:
             return
-        if self.settings.resample == "step":
-            # ``global_step`` counts optimizer steps, so the micro-batches of one accumulated step share a draw.
-            self._apply_draw(trainer, (trainer.current_epoch, trainer.global_step))
-        else:
-            # Another callback's ``on_train_epoch_start`` may have run after ours and made dropped layers
-            # trainable again (``BackboneFinetuning`` unfreezing the backbone): drop them again before the forward.
-            self._apply_draw(trainer, (trainer.current_epoch, None))
+        # The draw is applied here, before the forward, rather than in ``on_train_epoch_start``: every callback's
+        # ``on_train_epoch_start`` has run by now, whatever the order, so a layer another callback froze there is
+        # not a candidate, and one it unfroze is. ``global_step`` counts optimizer steps, so the micro-batches of
+        # one accumulated step share a draw.
+        step = trainer.global_step if self.settings.resample == "step" else None
+        self._apply_draw(trainer, (trainer.current_epoch, step))
+
+    def on_train_batch_end(self, trainer: Trainer) -> None:
+        if self._recorder is None:
+            return
+        observed, self._recorder = self._recorder.stop(), None
+        # Rank 0's order, so that every rank keeps and drops the same layers.
+        self.run_order = list(trainer.strategy.broadcast(observed, src=0))
+        if self._module is not None:
+            self._find_layers(self._module)  # lazy modules are materialised after their first forward
 
     def on_after_backward(self, trainer: Trainer) -> None:
         # A GradScaler refuses to step an optimizer that holds no gradient at all ("No inf checks were recorded
@@ -164,6 +193,10 @@ class LDBRun:
     def close(self) -> None:
         """Undo everything this run did to the user's objects. Local only (no collective): on failure the
         other ranks may be gone."""
+        if self._recorder is not None:
+            self._recorder.stop()
+            self._recorder = None
+        self.detacher.restore()
         self.freezer.restore()
         self.dropped = ()
         self._draw_key = None
@@ -185,28 +218,72 @@ class LDBRun:
         # One seed for all ranks, whatever each process was seeded with.
         return int(trainer.strategy.broadcast(seed, src=0))
 
-    def _find_candidates(self, pl_module: LightningModule) -> None:
+    def _find_layers(self, pl_module: LightningModule) -> None:
         s = self.settings
-        layers = discover_layers(pl_module, s.granularity)
-        candidates = select_candidates(layers, s.keep_first, s.keep_last, s.include, s.exclude)
-        if not candidates:
+        self.layers = discover_layers(pl_module, s.granularity)
+        self._ordered = order_layers(self.layers, self.run_order or (), s.granularity)
+        if s.backward == "block":
+            self._find_branches(pl_module)
+        # Structural check: can any layer ever be a candidate? Which ones are depends on what is trainable
+        # at each draw (see ``_apply_draw``).
+        elif not select_candidates(self.layers, s.keep_first, s.keep_last, s.include, s.exclude):
             raise ValueError(
                 f"LayerDropBackCallback found no candidate layer to drop in {type(pl_module).__name__}: it has"
-                f" {len(layers)} layer(s) (granularity={s.granularity!r}), keep_first={s.keep_first} and"
-                f" keep_last={s.keep_last} keep {min(len(layers), s.keep_first + s.keep_last)} of them, and"
+                f" {len(self.layers)} layer(s) (granularity={s.granularity!r}), keep_first={s.keep_first} and"
+                f" keep_last={s.keep_last} keep {min(len(self.layers), s.keep_first + s.keep_last)} of them, and"
                 f" include={s.include!r} / exclude={s.exclude!r} filter the rest. Lower `keep_first`/"
                 f"`keep_last`, widen the patterns, or use granularity='parameter'."
             )
-        self.candidates = candidates
-        self._candidate_numel = sum(layer.numel for layer in candidates)
+        self.candidates = self._trainable_candidates()
+
+    def _find_branches(self, pl_module: LightningModule) -> None:
+        s = self.settings
+        self.branches = discover_branches(pl_module, s.branches)
+        if not self.branches:
+            raise ValueError(
+                f"LayerDropBackCallback(backward='block') found no residual branch in {type(pl_module).__name__}: it"
+                " recognises torchvision ResNet and Swin blocks, timm ViT blocks and Hugging Face GPT-2, BERT and"
+                " Llama-style layers. Name your model's branches with `branches=` (e.g. {'blocks.*.norm1': ['attn']},"
+                " see docs/block-mode.md), or use backward='weights'."
+            )
+        if not select_branch_candidates(self.branches, self._ordered, s.keep_first, s.keep_last, s.include, s.exclude):
+            raise ValueError(
+                f"LayerDropBackCallback(backward='block') found {len(self.branches)} residual branch(es) in"
+                f" {type(pl_module).__name__}, but every one holds a layer kept by keep_first={s.keep_first}/"
+                f"keep_last={s.keep_last} or is filtered out by include={s.include!r} / exclude={s.exclude!r}."
+                " Lower `keep_first`/`keep_last` or widen the patterns."
+            )
+
+    def _trainable_candidates(self) -> list[Any]:
+        """The candidates among what is trainable now: keep_first/keep_last count trainable layers in run order.
+
+        In block mode the candidates are the trainable residual branches that hold no kept layer.
+        """
+        s = self.settings
+        trainable = [layer for layer in self._ordered if layer.trainable]
+        if s.backward == "block":
+            branches = [branch for branch in self.branches if any(p.requires_grad for p in branch.parameters)]
+            return select_branch_candidates(branches, trainable, s.keep_first, s.keep_last, s.include, s.exclude)
+        return select_candidates(trainable, s.keep_first, s.keep_last, s.include, s.exclude)
+
+    def _always_trained(self, candidates: Sequence[Any]) -> set[int]:
+        """Ids of parameters a draw over ``candidates`` must never drop: those shared with an always-trained layer."""
+        if self.settings.backward == "block":
+            in_branches = {id(p) for branch in candidates for p in branch.parameters}
+            # A layer not wholly inside the candidate branches (kept, excluded, or not residual) is always trained.
+            outside = [layer for layer in self._ordered if any(id(p) not in in_branches for p in layer.parameters)]
+            return {id(p) for layer in outside for p in layer.parameters}
+        candidate_ids = {id(layer) for layer in candidates}
+        return {id(p) for layer in self._ordered if id(layer) not in candidate_ids for p in layer.parameters}
 
     def _attach_batch_schedule(self, trainer: Trainer, pl_module: LightningModule) -> bool:
         s = self.settings
         if s.batch_scale == 1:
             return False
         source = _compat.train_data_source(trainer)
-        if attach_batch_schedule(source, s.batch_schedule, self.undo):
-            self._reloader = TrainLoaderReloader(trainer, s.batch_schedule, self.undo)
+        schedule = s.batch_schedule(trainer.limit_train_batches)
+        if attach_batch_schedule(source, schedule, self.undo):
+            self._reloader = TrainLoaderReloader(trainer, schedule, self.undo)
             return True
         mixins = [obj for obj in (trainer.datamodule, pl_module) if isinstance(obj, LDBDataModuleMixin)]
         if mixins:
@@ -230,34 +307,43 @@ class LDBRun:
             self._epoch = epoch
             self._dropped_fractions = []
         self.mode = epoch_mode(epoch, self.settings.every)
-        if self.mode == FULL:
-            self._release(trainer)
-            self.lr.scale = 1.0
-            return
-        self.lr.scale = self.settings.lr_scale
-        self._apply_draw(trainer, (epoch, trainer.global_step if self.settings.resample == "step" else None))
+        # The draw itself waits for the epoch's first batch (``on_train_batch_start``).
+        self._release(trainer)
+        self.lr.scale = self.settings.lr_scale if self.mode == DROP else 1.0
 
     def _apply_draw(self, trainer: Trainer, key: DrawKey) -> None:
         if key == self._draw_key:
             # Same draw: only re-freeze what someone else unfroze since (a no-op, and no collective, otherwise).
-            if self.freezer.freeze(param for layer in self.dropped for param in layer.parameters):
+            if self.freezer.freeze(self._dropped_parameters):
                 self.adapter.on_trainable_set_changed(trainer, key, self.dropped_names)
             return
-        flags = draw_dropped(len(self.candidates), self.settings.drop_rate, self.seed, *key)
-        dropped = tuple(layer for layer, drop in zip(self.candidates, flags) if drop)
-        self.freezer.restore()
-        self.freezer.freeze(param for layer in dropped for param in layer.parameters)
+        self.freezer.restore()  # what is trainable now is what the user and other callbacks left trainable
+        self.detacher.restore()
+        candidates = self._trainable_candidates()
+        flags = draw_dropped(len(candidates), self.settings.drop_rate, self.seed, *key)
+        dropped = tuple(layer for layer, drop in zip(candidates, flags) if drop)
+        # A parameter shared with a layer that is always trained (kept first/last, excluded) is never dropped.
+        kept = self._always_trained(candidates)
+        droppable = [p for layer in candidates for p in layer.parameters if id(p) not in kept]
+        self._dropped_parameters = [p for layer in dropped for p in layer.parameters if id(p) not in kept]
+        self.detacher.restore()
+        self.freezer.freeze(self._dropped_parameters)
+        if self.settings.backward == "block":
+            self.detacher.detach(dropped)
+        self.candidates = candidates
         self.dropped = dropped
         self._draw_key = key
-        dropped_numel = sum(layer.numel for layer in dropped)
-        self._dropped_fractions.append(dropped_numel / self._candidate_numel if self._candidate_numel else 0.0)
+        total = unique_numel(droppable)
+        self._dropped_fractions.append(unique_numel(self._dropped_parameters) / total if total else 0.0)
         self.adapter.on_trainable_set_changed(trainer, key, self.dropped_names)
 
     def _release(self, trainer: Trainer) -> None:
         if self._draw_key is None and not self.freezer.frozen:
             return
+        self.detacher.restore()
         self.freezer.restore()
         self.dropped = ()
+        self._dropped_parameters = []
         self._draw_key = None
         self.adapter.on_trainable_set_changed(trainer, None, ())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Union
 
 from lightning_ldb._checks import check_int
 
@@ -44,15 +45,28 @@ class BatchSchedule:
     The value the callback hands to the data source (:class:`~lightning_ldb.LDBDataModuleMixin`) and to
     :func:`~lightning_ldb.estimated_stepping_batches`, so that neither needs the callback itself.
 
+    An integer ``limit_train_batches`` (the user's, a number of batches) becomes ``limit // batch_scale``
+    on DROP epochs, so that a DROP epoch sees no more samples than a full one.
+
     Example::
 
-        >>> schedule = BatchSchedule(every=2, batch_scale=2)
+        >>> schedule = BatchSchedule(every=2, batch_scale=2, limit_train_batches=5)
         >>> [schedule.batch_size(epoch, 32) for epoch in range(4)]
         [32, 32, 64, 32]
+        >>> [schedule.limit_batches(epoch) for epoch in range(4)]
+        [5, 5, 2, 5]
     """
 
     every: int
     batch_scale: int
+    limit_train_batches: Union[int, float, None] = None
+
+    def limit_batches(self, epoch: int) -> Union[int, float, None]:
+        """``limit_train_batches`` for ``epoch``: an int limit divided by ``batch_scale`` on DROP epochs (at least 1)."""
+        limit = self.limit_train_batches
+        if isinstance(limit, int) and not isinstance(limit, bool) and is_drop_epoch(epoch, self.every):
+            return max(1, limit // self.batch_scale)
+        return limit
 
     def batch_size(self, epoch: int, base: int) -> int:
         """The batch size of ``epoch`` for a base batch size ``base``."""

@@ -15,7 +15,6 @@ from torch.utils.data import DataLoader
 
 from lightning_ldb import _compat
 from lightning_ldb.datamodule import batch_schedule_of
-from lightning_ldb.schedule import is_drop_epoch
 
 
 def optimizer_steps_per_epoch(samples: int, batch_size: int, drop_last: bool, limit_batches: Union[int, float], accumulate: int) -> int:
@@ -72,19 +71,18 @@ def estimated_stepping_batches(trainer: Trainer) -> Union[int, float]:
     samples = len(loader.sampler)  # per device, once Lightning has injected its DistributedSampler
     loaded_epoch = trainer.current_epoch  # the loader was built for this epoch's batch size
     base = schedule.base_size(loaded_epoch, loader.batch_size)
-    per_mode = {
-        drop: optimizer_steps_per_epoch(
+    def steps(epoch: int) -> int:
+        return optimizer_steps_per_epoch(
             samples,
-            base * schedule.batch_scale if drop else base,
+            schedule.batch_size(epoch, base),
             loader.drop_last,
-            trainer.limit_train_batches,
+            schedule.limit_batches(epoch),
             trainer.accumulate_grad_batches,
         )
-        for drop in (False, True)
-    }
+
     if max_epochs is None or max_epochs == -1:
         return max_steps
-    total = sum(per_mode[is_drop_epoch(epoch, schedule.every)] for epoch in range(max_epochs))
+    total = sum(steps(epoch) for epoch in range(max_epochs))
     return min(total, max_steps) if max_steps != -1 else total
 
 

@@ -30,9 +30,14 @@ class EpochRecorder(Callback):
     def on_train_epoch_start(self, trainer, pl_module):
         epoch = trainer.current_epoch
         self.modes[epoch] = self.ldb.mode
-        self.dropped[epoch] = self.ldb.dropped_layers
-        self.frozen[epoch] = {n for n, p in pl_module.named_parameters() if not p.requires_grad}
         self.start[epoch] = snapshot(pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        # LDB applies the epoch's draw before the epoch's first forward.
+        if batch_idx == 0:
+            epoch = trainer.current_epoch
+            self.dropped[epoch] = self.ldb.dropped_layers
+            self.frozen[epoch] = {n for n, p in pl_module.named_parameters() if not p.requires_grad}
 
     def on_train_epoch_end(self, trainer, pl_module):
         epoch = trainer.current_epoch

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lightning_ldb import discover_layers, draw_dropped, is_drop_epoch, select_candidates
+from lightning_ldb.layers import RunOrderRecorder, order_layers, unique_numel
 from lightning_ldb.sampling import draw_key
 
 
@@ -29,17 +30,50 @@ class Shared(nn.Module):
         self.embed = nn.Embedding(5, 4)
         self.block = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
         self.head = nn.Linear(4, 5, bias=False)
-        self.head.weight = self.embed.weight  # tied: counted once, with the first module that owns it
+        self.head.weight = self.embed.weight  # tied: it belongs to both layers
         self.scale = nn.Parameter(torch.ones(1))  # owned by the root module
 
 
-def test_module_layers_in_order_with_shared_parameters_counted_once():
+def test_module_layers_in_order_with_a_shared_parameter_in_each_of_its_layers():
     model = Shared()
-    layers = discover_layers(model)
-    assert [layer.name for layer in layers] == ["", "embed", "block.0", "block.2"]
-    assert sum(layer.numel for layer in layers) == sum(p.numel() for p in model.parameters())
-    ids = [id(p) for layer in layers for p in layer.parameters]
-    assert len(ids) == len(set(ids))
+    layers = {layer.name: layer for layer in discover_layers(model)}
+    assert list(layers) == ["", "embed", "block.0", "block.2", "head"]
+    assert layers["head"].parameters == (model.embed.weight,)  # tied weights belong to both modules' layers
+    assert unique_numel([p for layer in layers.values() for p in layer.parameters]) == sum(
+        p.numel() for p in model.parameters()
+    )
+
+
+def test_layers_in_run_order_when_the_head_is_registered_before_the_body():
+    class HeadFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 1)
+            self.body = nn.Linear(3, 4)
+            self.unused = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    model = HeadFirst()
+    recorder = RunOrderRecorder(model)
+    model(torch.zeros(1, 3))
+    order = recorder.stop()
+    assert order == ["", "body", "head"]
+    assert all(not m._forward_pre_hooks for m in model.modules())  # the recorder left no hook behind
+    ordered = [layer.name for layer in order_layers(discover_layers(model), order)]
+    assert ordered == ["body", "head", "unused"]  # never seen running: registration order, last
+    assert [layer.name for layer in order_layers(discover_layers(model, "parameter"), order, "parameter")][:2] == [
+        "body.weight",
+        "body.bias",
+    ]
+
+
+def test_uninitialised_lazy_parameters_belong_to_no_layer():
+    model = nn.Sequential(nn.Linear(2, 3), nn.LazyLinear(4))
+    assert [layer.name for layer in discover_layers(model)] == ["0"]
+    model(torch.zeros(1, 2))
+    assert [layer.name for layer in discover_layers(model)] == ["0", "1"]
 
 
 def test_parameter_layers_match_named_parameters():

@@ -2,7 +2,7 @@
 
 ``test_callback.py`` covers the flags after a failing ``training_step``; these cover failures at the points where
 LDB holds more state: inside ``optimizer.step()`` (the lr is scaled there), in a later callback's
-``on_train_epoch_start`` (just after LDB froze its draw), and in a validation that interrupts a DROP epoch.
+``on_train_batch_start`` (just after LDB froze its draw), and in a validation that interrupts a DROP epoch.
 """
 
 from __future__ import annotations
@@ -59,15 +59,16 @@ class Model(TinyMLP):
 
 
 class FailAtEpochStart(Callback):
-    """Placed after LDB: raises in ``on_train_epoch_start`` of the DROP epoch, right after LDB froze its draw."""
+    """Placed after LDB: raises in the first ``on_train_batch_start`` of the DROP epoch, right after LDB froze its draw."""
 
     def __init__(self, model: Model) -> None:
         self.model = model
 
-    def on_train_epoch_start(self, trainer, pl_module):
-        if self.model.where == "epoch_start_callback" and trainer.current_epoch == FAIL_EPOCH:
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        # LDB (listed first) has applied the epoch's draw by now.
+        if self.model.where == "batch_start_callback" and trainer.current_epoch == FAIL_EPOCH:
             self.model.frozen_at_failure = {n for n, p in pl_module.named_parameters() if not p.requires_grad}
-            raise self.model.exception("boom in a later callback's on_train_epoch_start")
+            raise self.model.exception("boom in a later callback's on_train_batch_start")
 
 
 class FrozenAtStep(Callback):
@@ -101,7 +102,7 @@ def plain_sgd_step_lrs(model: TinyMLP, optimizer: torch.optim.Optimizer) -> list
     return lrs
 
 
-@pytest.mark.parametrize("where", ["optimizer_step", "epoch_start_callback", "validation"])
+@pytest.mark.parametrize("where", ["optimizer_step", "batch_start_callback", "validation"])
 @pytest.mark.parametrize("exception", [RuntimeError, KeyboardInterrupt])
 def test_failure_mid_drop_epoch_leaves_flags_and_learning_rates_as_set(where, exception, restore_sigint):
     model = Model(exception, where)

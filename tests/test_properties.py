@@ -102,12 +102,17 @@ def models(draw):
 
 @FAST
 @given(model=models(), granularity=st.sampled_from(["module", "parameter"]))
-def test_every_parameter_is_in_exactly_one_layer(model, granularity):
+def test_every_parameter_is_in_a_layer_and_a_shared_one_in_each_of_its_modules(model, granularity):
     layers = discover_layers(model, granularity)
     ids = [id(p) for layer in layers for p in layer.parameters]
     unique = list(model.parameters())  # parameters() yields a shared parameter once
-    assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in unique}
-    assert sum(layer.numel for layer in layers) == sum(p.numel() for p in unique)
+    assert set(ids) == {id(p) for p in unique}
+    assert all(len({id(p) for p in layer.parameters}) == len(layer.parameters) for layer in layers)
+    if granularity == "parameter":
+        assert len(ids) == len(set(ids))
+    else:
+        owners = [(name, p) for name, m in model.named_modules() for p in m.parameters(recurse=False)]
+        assert len(ids) == len(owners)  # a tied parameter is listed with every module that holds it
     assert all(layer.parameters for layer in layers)
     if granularity == "parameter":
         assert [layer.name for layer in layers] == [name for name, _ in model.named_parameters()]
