@@ -271,7 +271,9 @@ class LDBCLI(LightningCLI):
         with contextlib.nullcontext() if self.verbose else _quiet():
             super().__init__(model_class=None, datamodule_class=None, args=args, **kwargs)
 
-    def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]) -> None:
+    def setup_parser(
+        self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+    ) -> None:
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
         # Whole sentences in `ldb --help` (argparse keeps a subcommand's help on its choice action).
         for action in self.parser._actions:

@@ -42,7 +42,8 @@ def ldb_command() -> list[str]:
 
 
 def run_ldb(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    python_path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])  # this checkout's lightning_ldb
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path}
     env.pop("LDB_VERBOSE", None)
     return subprocess.run([*ldb_command(), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -116,7 +117,8 @@ def test_a_value_of_the_wrong_type_is_short_too(capsys):
     assert code == 2 and len(err.strip().splitlines()) <= MAX_ERROR_LINES
     assert "usage:" not in err and "Union" not in err
     first = err.splitlines()[0]
-    assert "--trainer.callbacks.every (lightning_ldb.LayerDropBackCallback)" in first and "int" in first and "abc" in first
+    assert "--trainer.callbacks.every (lightning_ldb.LayerDropBackCallback)" in first
+    assert "int" in first and "abc" in first
 
 
 def test_verbose_brings_the_original_error_back(monkeypatch):
@@ -210,3 +212,21 @@ def test_the_mean_label_says_the_first_epoch_was_excluded_only_when_it_was():
 def test_a_slower_drop_epoch_is_reported_as_more_time():
     line = mean_line([record(0, "full", 9.0), record(1, "full", 1.0), record(2, "DROP", 1.5)])
     assert "DROP epochs took 50% more time." in line and "-" not in line.split("took")[1]
+
+
+def test_quiet_keeps_the_progress_bar_and_drops_only_the_model_summary(tmp_path):
+    from lightning.pytorch.callbacks import ModelSummary, ProgressBar
+
+    from lightning_ldb.cli import LDBCLI
+
+    args = ["--model=lightning_ldb.examples.ImageClassifier", "--model.model=digits_cnn", "--model.in_channels=1",
+            "--data=DigitsDataModule", "--trainer.logger=false", "--seed_everything=0"]  # fmt: skip
+    quiet, verbose = LDBCLI(args=args, run=False), LDBCLI(args=args, run=False, verbose=True)
+
+    def kinds(cli):
+        callbacks = cli.trainer.callbacks
+        return {kind for kind in (ProgressBar, ModelSummary) if any(isinstance(cb, kind) for cb in callbacks)}
+
+    assert kinds(quiet) == {ProgressBar}  # long runs still show their progress
+    assert kinds(verbose) == {ProgressBar, ModelSummary}
+    assert quiet.trainer.progress_bar_callback is not None
