@@ -7,17 +7,33 @@ class path, and :class:`~lightning_ldb.LayerDropBackCallback` is configured unde
     ldb fit --config configs/quickstart.yaml
     ldb fit --model=my_package.MyModel --data=my_package.MyData \\
         --trainer.callbacks+=LayerDropBackCallback --trainer.callbacks.drop_rate=0.3
+
+The command is quiet by default and reports a bad value in two lines; ``--verbose`` (or the
+environment variable ``LDB_VERBOSE=1``) brings back Lightning's messages, third-party warnings and
+full tracebacks.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import importlib.util
+import logging
 import os
+import re
 import sys
-from typing import Any, Optional
+import traceback
+import warnings
+from collections.abc import Iterator
+from typing import Any, NoReturn, Optional
 
-from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+
+#: Environment variable that makes ``ldb`` verbose, like its ``--verbose`` flag.
+VERBOSE_ENV = "LDB_VERBOSE"
+VERBOSE_FLAG = "--verbose"
+QUICKSTART = "configs/quickstart.yaml"
 
 DESCRIPTION = """\
 Train any LightningModule with LayerDropBack (LDB), from the command line or YAML configs.
@@ -25,11 +41,15 @@ Train any LightningModule with LayerDropBack (LDB), from the command line or YAM
 This is Lightning's LightningCLI in subclass mode: --model and --data take any LightningModule and
 LightningDataModule by class path (or by class name once imported), and LDB is a callback under
 trainer.callbacks (class_path: lightning_ldb.LayerDropBackCallback, init_args: drop_rate, every, ...).
-Run `{prog} fit --help` for the options of a training run."""
+Run `{prog} fit --help` for the options of a training run.
+
+Quiet by default: no Lightning info messages or tips, no model summary, no third-party deprecation
+warnings, and a bad value is reported in two lines. --verbose anywhere on the command line (or the
+environment variable LDB_VERBOSE=1) brings all of them back, with full tracebacks."""
 
 EPILOG = """\
 examples:
-  # LDB on scikit-learn's digits: offline, under a minute on a CPU, prints a per-epoch summary
+  # LDB on scikit-learn's digits: offline, about a minute on a 2-core CPU, prints a per-epoch summary
   {prog} fit --config configs/quickstart.yaml
   # the complete configuration a command resolves to
   {prog} fit --config configs/quickstart.yaml --print_config
@@ -48,6 +68,37 @@ Fit a model with the Trainer. The model (--model), the data (--data) and the cal
 or in YAML files (--config, repeatable: later files and flags override earlier ones).
 Class arguments are listed with --model.help CLASS, --data.help CLASS, --trainer.callbacks.help CLASS."""
 
+#: One whole sentence per subcommand for ``ldb --help`` (Lightning's come from the first line of the
+#: Trainer methods' docstrings, which is cut mid-sentence for some of them).
+SUBCOMMAND_HELP = {
+    "fit": "Train a model (with LDB when LayerDropBackCallback is among the callbacks).",
+    "validate": "Run one evaluation epoch over the validation set.",
+    "test": "Run one evaluation epoch over the test set.",
+    "predict": "Run the model on the predict set and return its predictions.",
+}
+
+#: The loggers whose INFO messages (device lines, "Tip" adverts, "Seed set to") quiet mode hides.
+_LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
+_UNION_ERROR = "Does not validate against any of the Union subtypes"
+_PARSER_KEY = re.compile(r'Parser key "([^"]+)":\s*')
+_GIVEN_CLASS = re.compile(r"Problem with given class_path '([^']+)':\s*")
+_SUBCOMMAND_IN_PROG = re.compile(r"\s+(fit|validate|test|predict)$")
+
+
+def verbose_requested(verbose: Optional[bool] = None) -> bool:
+    """Whether ``ldb`` runs verbosely: ``verbose`` if given, else the ``LDB_VERBOSE`` environment variable.
+
+    Args:
+        verbose: An explicit choice; ``None`` reads ``LDB_VERBOSE`` (``1``, ``true``, ``yes`` or ``on``).
+
+    Example:
+        >>> verbose_requested(True), verbose_requested(False)
+        (True, False)
+    """
+    if verbose is not None:
+        return verbose
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
 
 def _help_formatter() -> type:
     """jsonargparse's help formatter, keeping the line breaks of the descriptions and examples."""
@@ -56,18 +107,149 @@ def _help_formatter() -> type:
     return type("LDBHelpFormatter", (argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter), {})
 
 
+def _shown_prog(parser: argparse.ArgumentParser) -> str:
+    return parser.prog.replace(" [options]", "")
+
+
+class LDBArgumentParser(LightningArgumentParser):
+    """Lightning's parser, reporting a parse error in a few lines instead of the whole usage.
+
+    The short form names the argument, the value and what was expected, and points to ``--help``
+    (and, when no model was given, to the quickstart config). Verbose runs, and parsers that raise
+    instead of exiting (``exit_on_error=False``, as jsonargparse uses internally), behave as in
+    jsonargparse.
+    """
+
+    #: Set by :class:`LDBCLI`: report errors in full, as jsonargparse does.
+    verbose = False
+
+    def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
+        if self.verbose or not self.exit_on_error:
+            super().error(message, ex)
+        lines = [f"error: {_short_parse_message(message, ex)}"]
+        prog = _shown_prog(self)
+        if ("arguments are required" in message and "model" in message) or '"subcommand"' in message:
+            command = _SUBCOMMAND_IN_PROG.sub("", prog)
+            lines.append(f"tip: to try LDB, run: {command} fit --config {QUICKSTART} (from a clone of the repository)")
+        lines.append(f"tip: {prog} --help lists the options; --verbose shows the full error.")
+        sys.stderr.write("\n".join(lines) + "\n")
+        self.exit(2)
+
+
+def _short_parse_message(message: str, ex: Optional[BaseException]) -> str:
+    """jsonargparse's message without the Union listing: the full key, then the first real problem."""
+    if _UNION_ERROR not in message or ex is None:
+        return message
+    detail = next((str(e) for e in _chain(ex) if _UNION_ERROR not in str(e)), None)
+    if detail is None:
+        return message
+    text = " ".join(line.strip() for line in (message.splitlines()[0] + "\n" + detail).splitlines())
+    keys, classes = _PARSER_KEY.findall(text), _GIVEN_CLASS.findall(text)
+    rest = _GIVEN_CLASS.sub("", _PARSER_KEY.sub("", text)).strip()
+    where = f" ({classes[0]})" if classes else ""
+    return f"--{'.'.join(keys)}{where}: {rest}" if keys else rest
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    """``error`` and the exceptions it was raised from or while handling, outermost first."""
+    seen: set[int] = set()
+    current: Optional[BaseException] = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _in_jsonargparse(filename: str) -> bool:
+    return f"{os.sep}jsonargparse{os.sep}" in filename
+
+
+def _raised_by_init(error: BaseException) -> Optional[type]:
+    """The class whose ``__init__`` raised ``error`` (below jsonargparse's or Lightning's call), or ``None``."""
+    frames = [frame for frame, _ in traceback.walk_tb(error.__traceback__)]
+    if not frames or _in_jsonargparse(frames[-1].f_code.co_filename):
+        return None  # jsonargparse's own complaint (a wrapper), not the class's
+    for frame in frames:
+        if frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
+            if not _in_jsonargparse(frame.f_code.co_filename):
+                return type(frame.f_locals["self"])
+    return None
+
+
+def _import_class_path(class_path: Any) -> Any:
+    if not isinstance(class_path, str) or "." not in class_path:
+        return None
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
+
+
+def _find_class(config: Any, cls: type, path: str = "") -> Optional[tuple[str, str]]:
+    """The key of ``config`` whose ``class_path`` is ``cls``, and that class path, or ``None``."""
+    from jsonargparse import Namespace
+
+    if isinstance(config, Namespace):
+        if _import_class_path(config.get("class_path")) is cls:
+            return path, config["class_path"]
+        items = [(f"{path}.{key}" if path else key, value) for key, value in vars(config).items()]
+    elif isinstance(config, (list, tuple)):
+        items = [(path, value) for value in config]
+    else:
+        return None
+    for key, value in items:
+        found = _find_class(value, cls, key)
+        if found is not None:
+            return found
+    return None
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Hide Lightning's INFO messages and third-party deprecation warnings; restore both afterwards."""
+    loggers = [logging.getLogger(name) for name in _LIGHTNING_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=category)
+            warnings.filterwarnings("default", category=category, module=r"lightning_ldb(\.|$)")
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
 class LDBCLI(LightningCLI):
     """``LightningCLI`` with any LightningModule and DataModule by class path, and the ``ldb`` help texts.
+
+    Quiet unless ``verbose``: Lightning's INFO messages and tips, the model summary (its FLOP
+    columns read 0 for models without an example input) and third-party deprecation warnings are
+    hidden while the command runs. A ``ValueError`` or ``TypeError`` raised by the ``__init__`` of a
+    class the command instantiates (a callback, the model, the data, the trainer) is reported in
+    two lines naming the argument, the class and the class's own message, and the command exits
+    with status 2, like a parse error.
 
     Args:
         args: Command-line arguments (a list of strings, or a dict/Namespace config); ``None`` reads
             ``sys.argv``.
         prog: Program name shown in help messages; ``None`` takes it from ``sys.argv[0]``.
+        verbose: Show everything, and raise errors with their tracebacks; ``None`` reads the
+            ``LDB_VERBOSE`` environment variable.
         **kwargs: Passed to :class:`~lightning.pytorch.cli.LightningCLI` (e.g. ``run=False``).
+
+    Raises:
+        SystemExit: With status 2 on a bad argument (unless ``verbose``), 0 after ``--help``.
     """
 
-    def __init__(self, args: ArgsType = None, prog: Optional[str] = None, **kwargs: Any) -> None:
+    def __init__(
+        self, args: ArgsType = None, prog: Optional[str] = None, verbose: Optional[bool] = None, **kwargs: Any
+    ) -> None:
         _import_examples()
+        self.verbose = verbose_requested(verbose)
         formatter = _help_formatter()
         shown = prog or os.path.basename(sys.argv[0])  # argparse's default program name
         parser_kwargs: dict[str, Any] = {
@@ -75,13 +257,59 @@ class LDBCLI(LightningCLI):
             "epilog": EPILOG.format(prog=shown),
             "formatter_class": formatter,
             "fit": {"description": FIT_DESCRIPTION, "formatter_class": formatter},
+            **{name: {"description": text} for name, text in SUBCOMMAND_HELP.items() if name != "fit"},
         }
         if prog is not None:
             parser_kwargs["prog"] = prog
         kwargs.setdefault("parser_kwargs", parser_kwargs)
+        kwargs.setdefault("parser_class", type("LDBArgumentParser", (LDBArgumentParser,), {"verbose": self.verbose}))
         # Runs without a logger write config.yaml to default_root_dir: let a rerun replace it.
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        super().__init__(model_class=None, datamodule_class=None, args=args, **kwargs)
+        if not self.verbose:
+            # Lightning's model summary lists "FLOPs 0" for a model without an example input.
+            kwargs["trainer_defaults"] = {"enable_model_summary": False, **kwargs.get("trainer_defaults", {})}
+        with contextlib.nullcontext() if self.verbose else _quiet():
+            super().__init__(model_class=None, datamodule_class=None, args=args, **kwargs)
+
+    def setup_parser(
+        self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+    ) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        # Whole sentences in `ldb --help` (argparse keeps a subcommand's help on its choice action).
+        for action in self.parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for choice in action._choices_actions:
+                    choice.help = SUBCOMMAND_HELP.get(choice.dest, choice.help)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as error:
+            if self.verbose:
+                raise
+            origin = next(((e, cls) for e in _chain(error) if (cls := _raised_by_init(e)) is not None), None)
+            if origin is None:
+                raise
+            self._exit_with(*origin)
+
+    def _exit_with(self, error: BaseException, cls: type) -> NoReturn:
+        """Report the ``__init__`` error of ``cls`` as a command-line error: two lines, exit status 2."""
+        parser = self._parser(self.subcommand)
+        config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+        found = _find_class(config, cls)
+        first, *more = str(error).splitlines() or [type(error).__name__]
+        message = first + "".join(f"\n  {line}" for line in more)
+        prog = _shown_prog(parser)
+        if found is not None:
+            key, class_path = found
+            head = f"error: --{key} ({cls.__name__}): {message}"
+            tip = f"tip: {prog} --{key}.help {class_path} lists its arguments"
+        elif isinstance(self.trainer_class, type) and issubclass(cls, self.trainer_class):
+            head, tip = f"error: --trainer ({cls.__name__}): {message}", f"tip: {prog} --help lists the options"
+        else:
+            head, tip = f"error: {cls.__name__}: {message}", f"tip: {prog} --help lists the options"
+        sys.stderr.write(f"{head}\n{tip}; --verbose shows the traceback.\n")
+        sys.exit(2)
 
 
 def _import_examples() -> None:
@@ -97,20 +325,29 @@ def _import_examples() -> None:
 def main(args: ArgsType = None, prog: Optional[str] = None) -> None:
     """Run the ``ldb`` command.
 
+    ``--verbose`` anywhere in the arguments is taken out of them and makes the run verbose (see
+    :class:`LDBCLI`).
+
     Args:
         args: Command-line arguments; ``None`` reads ``sys.argv``.
         prog: Program name shown in help messages.
 
     Raises:
         SystemExit: With a hint to install ``jsonargparse[signatures]`` if it is missing, and from
-            argument parsing (``--help``, invalid arguments).
+            argument parsing (``--help``; status 2 for invalid arguments).
     """
     if importlib.util.find_spec("jsonargparse") is None:
         raise SystemExit(
             "The ldb command needs jsonargparse[signatures]: pip install 'lightning-ldb[examples]'"
             " (or pip install 'jsonargparse[signatures]')."
         )
-    LDBCLI(args=args, prog=prog)
+    verbose: Optional[bool] = None
+    if args is None and VERBOSE_FLAG in sys.argv[1:]:
+        sys.argv[1:] = [arg for arg in sys.argv[1:] if arg != VERBOSE_FLAG]  # args=None keeps reading sys.argv
+        verbose = True
+    elif isinstance(args, (list, tuple)) and VERBOSE_FLAG in args:
+        args, verbose = [arg for arg in args if arg != VERBOSE_FLAG], True
+    LDBCLI(args=args, prog=prog, verbose=verbose)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import runpy
 import subprocess
 import sys
@@ -17,7 +18,7 @@ yaml = pytest.importorskip("yaml")
 
 import lightning_ldb  # noqa: E402
 from lightning_ldb import LayerDropBackCallback  # noqa: E402
-from lightning_ldb.cli import LDBCLI, main  # noqa: E402
+from lightning_ldb.cli import LDBCLI, SUBCOMMAND_HELP, main  # noqa: E402
 from lightning_ldb.examples import EpochSummary, ImageClassifier  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -174,10 +175,17 @@ def test_classes_resolve_by_short_name(capsys):
     assert config["trainer"]["callbacks"][0]["class_path"] == LDB_CLASS_PATH
 
 
-def test_an_unknown_model_name_lists_the_choices(tmp_path, monkeypatch):
+def test_an_unknown_model_name_lists_the_choices(tmp_path, monkeypatch, capsys):
+    # The command reports it as a usage error (exit status 2); verbose runs raise the ValueError itself.
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LDB_VERBOSE", raising=False)
+    args = ["fit", "-c", str(CONFIGS / "quickstart.yaml"), "--model.init_args.model=resnet19"]
+    with pytest.raises(SystemExit) as exited:
+        main(args=args)
+    assert exited.value.code == 2
+    assert re.search("`model` must be one of .*'digits_cnn'.*got 'resnet19'", capsys.readouterr().err)
     with pytest.raises(ValueError, match="`model` must be one of .*'digits_cnn'.*got 'resnet19'"):
-        main(args=["fit", "-c", str(CONFIGS / "quickstart.yaml"), "--model.init_args.model=resnet19"])
+        main(args=["--verbose", *args])
 
 
 def test_fit_help_explains_model_data_and_callbacks(capsys):
@@ -206,3 +214,6 @@ def test_ldb_console_script_help():
     assert result.returncode == 0, result.stderr
     assert "usage: ldb" in result.stdout and "LayerDropBack" in result.stdout
     assert "ldb fit --config configs/quickstart.yaml" in result.stdout
+    help_text = " ".join(result.stdout.split())  # undo the line wrapping
+    for name, sentence in SUBCOMMAND_HELP.items():  # whole sentences, not a docstring's first line
+        assert f"{name} {sentence}" in help_text

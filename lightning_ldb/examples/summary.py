@@ -144,8 +144,11 @@ class EpochSummary(Callback):
         records = self.records
         drop = [r for r in records if r.mode == "DROP"]
         all_full = [r for r in records if r.mode == "full"]
-        # The first epoch pays one-off costs (worker start-up, allocator warm-up): compare the others.
-        full = [r for r in all_full if r.epoch != records[0].epoch] or all_full
+        # The first epoch pays one-off costs (worker start-up, allocator warm-up): compare the others,
+        # unless it is the only full epoch there is.
+        later_full = [r for r in all_full if r.epoch != records[0].epoch]
+        full = later_full or all_full
+        first_excluded = bool(later_full) and len(later_full) < len(all_full)
         lines = [
             f"Training time: {sum(r.seconds for r in records):.1f} s over {len(records)} epoch(s)"
             " (validation excluded)."
@@ -161,9 +164,12 @@ class EpochSummary(Callback):
             lines.append(line + (f" (full epochs: {_steps(all_full)})." if all_full else "."))
             if full:
                 full_time, drop_time = mean(r.seconds for r in full), mean(r.seconds for r in drop)
+                which = _full_epochs_label(full, first_excluded)
+                saving = 1 - drop_time / full_time
+                change = f"{100 * saving:.0f}% less" if saving >= 0 else f"{-100 * saving:.0f}% more"
                 lines.append(
-                    f"Mean epoch time: DROP {drop_time:.2f} s, full {full_time:.2f} s (first epoch excluded):"
-                    f" DROP epochs took {100 * (1 - drop_time / full_time):.0f}% less time."
+                    f"Mean epoch time: DROP {drop_time:.2f} s, full {full_time:.2f} s ({which}):"
+                    f" DROP epochs took {change} time."
                 )
         elif records and records[0].dropped is None:
             lines.append("No LayerDropBackCallback: every epoch was a full epoch (baseline).")
@@ -175,6 +181,15 @@ class EpochSummary(Callback):
                 f"{self.monitor}: best {best.monitored:.4f} (epoch {best.epoch}), last {scored[-1].monitored:.4f}."
             )
         return lines
+
+
+def _full_epochs_label(full: list[EpochRecord], first_excluded: bool) -> str:
+    """Which full epochs the mean is over, e.g. ``"first epoch excluded"``."""
+    if first_excluded:
+        return "first epoch excluded"
+    if len(full) == 1:
+        return f"epoch {full[0].epoch} only, including its one-off start-up costs"
+    return "all full epochs"
 
 
 def _steps(records: list[EpochRecord]) -> str:
