@@ -14,6 +14,7 @@ from typing import Any, Optional, Union
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.nn.parameter import is_lazy
 from torch.optim import Optimizer
 
 from lightning_ldb import _compat, compatibility, strategies
@@ -222,6 +223,10 @@ class LDBRun:
         s = self.settings
         self.layers = discover_layers(pl_module, s.granularity)
         self._ordered = order_layers(self.layers, self.run_order or (), s.granularity)
+        if any(is_lazy(p) for p in pl_module.parameters()):
+            # Lazy modules materialise on the first forward; the layers are listed again after the first batch.
+            self.candidates = self._trainable_candidates()
+            return
         if s.backward == "block":
             self._find_branches(pl_module)
         # Structural check: can any layer ever be a candidate? Which ones are depends on what is trainable

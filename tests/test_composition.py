@@ -103,8 +103,10 @@ def test_backbone_finetuning_is_never_fought(ldb_first):
     with pytest.warns(UserWarning, match="already exist within another group"):  # BatchNorm, as without LDB
         trainer.fit(model)
 
-    # The seed draws backbone layers on every DROP epoch, before and after the unfreeze.
-    for epoch in (1, 2, 3):
+    # While BackboneFinetuning holds the backbone frozen, it is not LDB's to draw; once unfrozen, it is.
+    # (Epoch 1: only the head's two layers are trainable, and keep_first/keep_last keep both.)
+    assert watch.dropped[1] == set()
+    for epoch in (2, 3):
         assert watch.dropped[epoch] & BACKBONE_LINEAR, epoch
     # Before the unfreeze: the backbone stays frozen and still, and LDB never hands it back.
     for epoch in (0, 1):
@@ -136,7 +138,8 @@ class TwoOptimizers(TinyMLP):
     def configure_optimizers(self):
         first = [p for n, p in self.named_parameters() if not n.startswith(self.SECOND)]
         second = [p for n, p in self.named_parameters() if n.startswith(self.SECOND)]
-        return torch.optim.SGD(first, lr=0.1), torch.optim.SGD(second, lr=0.05)
+        # Momentum and weight decay on the second: a zero placeholder gradient reaching its step would move weights.
+        return torch.optim.SGD(first, lr=0.1), torch.optim.SGD(second, lr=0.05, momentum=0.9, weight_decay=0.1)
 
     def training_step(self, batch, batch_idx):
         first, second = self.optimizers()

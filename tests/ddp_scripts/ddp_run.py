@@ -31,10 +31,10 @@ from helpers import TinyMLP, make_trainer  # noqa: E402
 
 from lightning_ldb import LayerDropBackCallback  # noqa: E402
 
-#: The layer the user freezes before ``fit`` (a drop candidate with the settings below).
+#: The layer the user freezes before ``fit`` (it would be a candidate were it trainable, so LDB must not touch it).
 USER_FROZEN = "net.5"
-#: LDB settings shared by every run; with seed 1, DROP epoch 2 drops net.5 (frozen by the user), net.11 and net.13, and
-#: DROP epoch 4 drops net.3, net.5, net.7 and net.11.
+#: LDB settings shared by every run; with seed 1, DROP epoch 2 drops net.7 and net.13 (net.5, frozen by the user, is
+#: not a candidate).
 LDB_KWARGS: dict[str, Any] = dict(drop_rate=0.5, every=2, keep_first=2, keep_last=1, batch_scale=1, seed=1)
 
 
@@ -64,18 +64,14 @@ class RankRecorder(Callback):
         return next(cb for cb in trainer.callbacks if isinstance(cb, LayerDropBackCallback))
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        ldb = self._ldb(trainer)
-        self.epochs[trainer.current_epoch] = {
-            "mode": ldb.mode,
-            "dropped": ldb.dropped_layers,
-            "requires_grad": {n: p.requires_grad for n, p in pl_module.named_parameters()},
-            "batches": {},
-        }
+        self.epochs[trainer.current_epoch] = {"mode": self._ldb(trainer).mode, "batches": {}}
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         record = self.epochs[trainer.current_epoch]
-        if batch_idx == 0:
+        if batch_idx == 0:  # LDB applies the epoch's draw before its first forward
             record["start"] = _snapshot(pl_module)
+            record["dropped"] = self._ldb(trainer).dropped_layers
+            record["requires_grad"] = {n: p.requires_grad for n, p in pl_module.named_parameters()}
         record["batches"][batch_idx] = {
             "dropped": self._ldb(trainer).dropped_layers,
             "trainable_numel": sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
