@@ -9,7 +9,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional, Protocol
 
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, XLAStrategy
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+    XLAStrategy,
+)
 
 if TYPE_CHECKING:
     from lightning_ldb.callback import LayerDropBackCallback
@@ -51,7 +57,7 @@ def adapter_for(trainer: Trainer, callback: LayerDropBackCallback) -> StrategyAd
         callback: The LDB callback the adapter serves.
 
     Raises:
-        ValueError: If LDB cannot serve the strategy (FSDP, DeepSpeed, XLA, model parallel, ...).
+        ValueError: If LDB cannot serve the strategy (FSDPStrategy, DeepSpeed, XLA, ...).
     """
     strategy = trainer.strategy
     if type(strategy) is SingleDeviceStrategy:
@@ -60,11 +66,16 @@ def adapter_for(trainer: Trainer, callback: LayerDropBackCallback) -> StrategyAd
         from lightning_ldb.ddp import DDPAdapter
 
         return DDPAdapter(callback)
+    if isinstance(strategy, ModelParallelStrategy):
+        from lightning_ldb.fsdp import FSDP2Adapter
+
+        return FSDP2Adapter(resample=callback.resample)  # refuses tensor parallelism in its ``setup``
     raise ValueError(
         f"LayerDropBackCallback does not support strategy {type(strategy).__name__}: LDB drops layers by setting"
-        " `requires_grad=False` on their parameters between steps, and sharded or compiled strategies (FSDP, DeepSpeed,"
-        " XLA, model parallel) flatten, shard or trace the parameters so that per-layer flags cannot change under them."
-        " Use a single device, or strategy='ddp' / 'ddp_spawn' / 'ddp_find_unused_parameters_true' (any number of"
-        " devices and nodes), or remove LayerDropBackCallback."
+        " `requires_grad=False` on their parameters between steps, and this strategy flattens (FSDPStrategy, FSDP1),"
+        " partitions (DeepSpeed) or traces (XLA) the parameters so that per-layer flags cannot change under it."
+        " Use a single device, strategy='ddp' (any number of devices and nodes), or, to shard a model too large for"
+        " DDP, ModelParallelStrategy(data_parallel_size=<number of processes>, tensor_parallel_size=1) with"
+        " `torch.distributed.fsdp.fully_shard` (FSDP2) applied in `configure_model`; or remove LayerDropBackCallback."
     )
 
