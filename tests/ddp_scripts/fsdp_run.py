@@ -12,6 +12,10 @@ as rank 1, so it cannot run inside pytest). To keep to one launch, the processes
     from ``epoch``'s sharded checkpoint after epoch 1, i.e. at the start of DROP epoch 2.
 ``step``
     ``resample="step"`` with AdamW.
+``disagree``
+    Rank 1 excludes a layer that rank 0 drops in DROP epoch 2; the fit must fail on both ranks
+    before the forward that would pair up mismatched reduce-scatters, and leave the flags as the
+    user set them. Last, since the failed fit ends the processes' use of the process group.
 
 Each rank writes ``{fit}_rank{R}.pt``: per epoch its mode, the dropped layers, the full (unsharded,
 ``DTensor.full_tensor()``) weights at the start and after every batch, the ``requires_grad`` flags,
@@ -49,7 +53,7 @@ USER_FROZEN = "net.5"
 BATCH_SIZE = 4
 LDB_KWARGS: dict[str, Any] = dict(drop_rate=0.5, every=2, keep_first=2, keep_last=1, batch_scale=2)
 #: Fits in launch order, and the epochs of each.
-FITS = {"epoch": 5, "resumed": 5, "step": 3}
+FITS = {"epoch": 5, "resumed": 5, "step": 3, "disagree": 3}
 #: The checkpoint ``resumed`` starts from: written after epoch 1, so the resumed run begins with DROP epoch 2.
 RESUME_FROM = "epoch=1.ckpt"
 
@@ -63,6 +67,15 @@ def _counting_reduce_scatter(original: Any) -> Any:
         return original(*args, **kwargs)
 
     return reduce_scatter_single
+
+
+class RankDependentLDB(LayerDropBackCallback):
+    """Configured differently on rank 1 (excludes a layer that rank 0 drops): a deliberate cross-rank mismatch."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if trainer.global_rank == 1:
+            self.exclude = ["net.11"]
+        super().setup(trainer, pl_module, stage)
 
 
 class ShardedMLP(TinyMLP):
@@ -166,7 +179,8 @@ def run_fit(out_dir: str, name: str) -> None:
         for param in model.get_submodule(USER_FROZEN).parameters():
             param.requires_grad_(False)
     # ``resumed`` must get LDB's seed (1) from the checkpoint: without it, it would take seed_everything's (0).
-    ldb = LayerDropBackCallback(resample=resample, seed=None if name == "resumed" else 1, **LDB_KWARGS)
+    ldb_class = RankDependentLDB if name == "disagree" else LayerDropBackCallback
+    ldb = ldb_class(resample=resample, seed=None if name == "resumed" else 1, **LDB_KWARGS)
     callbacks: list[Callback] = [ldb, RankRecorder(os.path.join(out_dir, f"{name}_rank{{rank}}.pt"))]
     checkpoint_dir = os.path.join(out_dir, "checkpoints")
     if name == "epoch":
@@ -179,7 +193,24 @@ def run_fit(out_dir: str, name: str) -> None:
         enable_checkpointing=name == "epoch",
     )
     ckpt_path = os.path.join(checkpoint_dir, RESUME_FROM) if name == "resumed" else None
-    trainer.fit(model, datamodule=TinyDataModule(batch_size=BATCH_SIZE, n=32), ckpt_path=ckpt_path)
+    datamodule = TinyDataModule(batch_size=BATCH_SIZE, n=32)
+    if name != "disagree":
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        return
+    try:
+        trainer.fit(model, datamodule=datamodule)
+        error = None
+    except RuntimeError as exception:
+        error = str(exception)
+    record = {
+        "rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+        "error": error,
+        "epoch": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+    }
+    torch.save(record, os.path.join(out_dir, f"{name}_rank{trainer.global_rank}.pt"))
 
 
 def main(argv: Optional[list[str]] = None) -> None:
