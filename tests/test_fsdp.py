@@ -252,3 +252,47 @@ def test_other_sharded_strategies_are_refused_naming_model_parallel_with_fully_s
 def test_the_adapter_rejects_an_unknown_resample_mode():
     with pytest.raises(ValueError, match=r"resample='often'.*'epoch' or 'step'"):
         FSDP2Adapter(resample="often")
+
+
+# ---------------------------------------------------------------------------------------------- multi-node recipe
+MULTINODE = Path(__file__).resolve().parent.parent / "examples" / "multinode"
+
+
+def test_fsdp2_recipe_shards_each_vit_encoder_block():
+    torchvision = pytest.importorskip("torchvision")
+    sys.path.insert(0, str(MULTINODE))
+    from fsdp2_model import VIT_BLOCKS, modules_to_shard
+
+    # torchvision's ViT-L/16 layout at toy sizes: the same module names, built in milliseconds.
+    vit = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=16, num_layers=3, num_heads=2, hidden_dim=8, mlp_dim=16, num_classes=10
+    )
+    blocks = [f"encoder.layers.encoder_layer_{i}" for i in range(3)]
+    assert modules_to_shard(vit, VIT_BLOCKS) == blocks
+    with pytest.raises(TypeError, match=r"shard='encoder.layers.\*' must be a list"):
+        modules_to_shard(vit, "encoder.layers.*")
+
+
+def test_fsdp2_recipe_config_parses_with_model_parallel_data_parallel_only(monkeypatch, capsys):
+    pytest.importorskip("jsonargparse")
+    pytest.importorskip("torchvision")
+    yaml = pytest.importorskip("yaml")
+    from lightning_ldb.cli import main
+
+    config_path = "examples/multinode/fsdp2_vit_l16.yaml"
+    for recipe in ("fsdp2_slurm.sh", "README.md"):
+        assert config_path in (MULTINODE / recipe).read_text(), recipe
+    monkeypatch.syspath_prepend(str(MULTINODE))  # what the recipes' PYTHONPATH does
+    monkeypatch.setattr(sys, "argv", ["ldb"])
+    with pytest.raises(SystemExit) as exited:
+        main(args=["fit", "--config", str(MULTINODE.parent.parent / config_path), "--print_config"])
+    assert exited.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    trainer = config["trainer"]
+    strategy = trainer["strategy"]
+    assert strategy["class_path"] == "lightning.pytorch.strategies.ModelParallelStrategy"
+    assert strategy["init_args"]["tensor_parallel_size"] == 1
+    assert strategy["init_args"]["data_parallel_size"] == trainer["devices"] * trainer["num_nodes"] == 16
+    assert config["model"]["class_path"] == "fsdp2_model.ShardedFineTuneClassifier"
+    ldb = [c for c in trainer["callbacks"] if c["class_path"] == "lightning_ldb.LayerDropBackCallback"]
+    assert len(ldb) == 1
