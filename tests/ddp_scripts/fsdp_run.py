@@ -140,7 +140,6 @@ class RankRecorder(Callback):
         self.epochs[trainer.current_epoch]["batches"][batch_idx] = {
             "dropped": self._ldb(trainer).dropped_layers,
             "batch_size": len(batch[0]),
-            "inputs": batch[0].clone(),
             "trainable_padded_numel": sum(
                 padded_numel(p, world_size) for p in pl_module.parameters() if p.requires_grad
             ),
