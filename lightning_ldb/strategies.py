@@ -10,7 +10,14 @@ from __future__ import annotations
 from typing import Optional, Protocol
 
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, Strategy, XLAStrategy
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+    Strategy,
+    XLAStrategy,
+)
 
 from lightning_ldb.undo import UndoList
 
@@ -58,7 +65,7 @@ def adapter_for(strategy: Strategy, resample: str, communication: str = "auto") 
         communication: The callback's ``communication`` (DDP's method; see :mod:`lightning_ldb.ddp`).
 
     Raises:
-        ValueError: If LDB cannot serve the strategy (FSDP, DeepSpeed, XLA, model parallel, ...).
+        ValueError: If LDB cannot serve the strategy (FSDPStrategy, DeepSpeed, XLA, ...).
     """
     if type(strategy) is SingleDeviceStrategy:
         return NoOpAdapter()
@@ -66,11 +73,16 @@ def adapter_for(strategy: Strategy, resample: str, communication: str = "auto") 
         from lightning_ldb.ddp import DDPAdapter
 
         return DDPAdapter(resample, communication)
+    if isinstance(strategy, ModelParallelStrategy):
+        from lightning_ldb.fsdp import FSDP2Adapter
+
+        return FSDP2Adapter(resample=resample)  # refuses tensor parallelism in its ``setup``
     raise ValueError(
         f"LayerDropBackCallback does not support strategy {type(strategy).__name__}: LDB drops layers by setting"
-        " `requires_grad=False` on their parameters between steps, and sharded or compiled strategies (FSDP, DeepSpeed,"
-        " XLA, model parallel) flatten, shard or trace the parameters so that per-layer flags cannot change under them."
-        " Use a single device, or strategy='ddp' / 'ddp_spawn' / 'ddp_find_unused_parameters_true' (any number of"
-        " devices and nodes), or remove LayerDropBackCallback."
+        " `requires_grad=False` on their parameters between steps, and this strategy flattens (FSDPStrategy, FSDP1),"
+        " partitions (DeepSpeed) or traces (XLA) the parameters so that per-layer flags cannot change under it."
+        " Use a single device, strategy='ddp' (any number of devices and nodes), or, to shard a model too large for"
+        " DDP, ModelParallelStrategy(data_parallel_size=<number of processes>, tensor_parallel_size=1) with"
+        " `torch.distributed.fsdp.fully_shard` (FSDP2) applied in `configure_model`; or remove LayerDropBackCallback."
     )
 
