@@ -139,18 +139,23 @@ def fit(
     accumulate_grad_batches: int = 2,
     max_epochs: int = 5,
     disagree: bool = False,
+    model: Optional[LightningModule] = None,
+    backward: str = "weights",
 ) -> None:
-    """Train TinyMLP with LDB on 2 CPU processes; every rank writes ``rank{R}.pt`` to ``out_dir``.
+    """Train TinyMLP (or ``model``) with LDB on 2 CPU processes; every rank writes ``rank{R}.pt`` to ``out_dir``.
 
-    The user freezes :data:`USER_FROZEN` before ``fit``; SGD with momentum and weight decay would move
-    any layer whose gradient is a zero tensor instead of ``None``.
+    With the default TinyMLP the user freezes :data:`USER_FROZEN` before ``fit``; SGD with momentum and
+    weight decay would move any layer whose gradient is a zero tensor instead of ``None``. A ``model``
+    given by the caller (its class importable by the spawned ranks) is trained as it is, with
+    ``backward`` passed to the callback.
     """
     seed_everything(0, workers=True)
-    model = TinyMLP(batch_size=8, n=64, optimizer="sgd")
-    for param in model.get_submodule(USER_FROZEN).parameters():
-        param.requires_grad_(False)
+    if model is None:
+        model = TinyMLP(batch_size=8, n=64, optimizer="sgd")
+        for param in model.get_submodule(USER_FROZEN).parameters():
+            param.requires_grad_(False)
     ldb_class = RankDependentLDB if disagree else LayerDropBackCallback
-    ldb = ldb_class(resample=resample, **LDB_KWARGS)
+    ldb = ldb_class(resample=resample, backward=backward, **LDB_KWARGS)
     trainer = make_trainer(
         max_epochs,
         [ldb, RankRecorder(out_dir)],
