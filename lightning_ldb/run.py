@@ -139,13 +139,11 @@ class LDBRun:
         self.timer.start()
 
     def on_train_epoch_start(self, trainer: Trainer) -> None:
-        if self._reloader is not None:
-            self._reloader.on_loader_built(trainer)
         self._enter_epoch(trainer, trainer.current_epoch)
         self.timer.start()
 
     def on_train_batch_start(self, trainer: Trainer) -> None:
-        if self._reloader is not None:  # a mid-epoch resume skips ``on_train_epoch_start``
+        if self._reloader is not None:  # the epoch's train loader is built by now
             self._reloader.on_loader_built(trainer)
         # Optimizers made during fit (a callback calling ``setup_optimizers``) are hooked on their first step.
         self.lr.attach_new(trainer.optimizers)
