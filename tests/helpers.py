@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -153,3 +155,23 @@ def params_of_layers(module: nn.Module, layer_names: tuple[str, ...]) -> list[st
         sub = module.get_submodule(layer)
         names += [f"{layer}.{n}" if layer else n for n, _ in sub.named_parameters(recurse=False)]
     return names
+
+
+def printed_recipe_config(monkeypatch: Any, capsys: Any, config_path: str, recipes: tuple[str, ...]) -> dict[str, Any]:
+    """The config ``ldb fit --config config_path --print_config`` prints, after checking each multi-node recipe
+    in ``examples/multinode`` names ``config_path``."""
+    import pytest
+
+    pytest.importorskip("jsonargparse")
+    pytest.importorskip("torchvision")
+    yaml = pytest.importorskip("yaml")
+    from lightning_ldb.cli import main
+
+    root = Path(__file__).resolve().parent.parent
+    for recipe in recipes:
+        assert config_path in (root / "examples" / "multinode" / recipe).read_text(), recipe
+    monkeypatch.setattr(sys, "argv", ["ldb"])  # LightningCLI warns about pytest's own arguments otherwise
+    with pytest.raises(SystemExit) as exited:
+        main(args=["fit", "--config", str(root / config_path), "--print_config"])
+    assert exited.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)

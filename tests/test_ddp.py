@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch.multiprocessing import ProcessRaisedException
-from helpers import TinyMLP, make_trainer
+from helpers import TinyMLP, make_trainer, printed_recipe_config
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
@@ -356,19 +356,8 @@ def test_draw_digest_depends_on_key_and_names():
 
 # ---------------------------------------------------------------------------------------------- multi-node recipes
 def test_multinode_recipes_use_a_config_the_ldb_command_parses(monkeypatch, capsys):
-    pytest.importorskip("jsonargparse")
-    pytest.importorskip("torchvision")
-    yaml = pytest.importorskip("yaml")
-    from lightning_ldb.cli import main
-
     config_path = "examples/multinode/configs/ddp_multinode.yaml"
-    for recipe in ("slurm.sbatch", "README.md"):
-        assert config_path in (MULTINODE / recipe).read_text(), recipe
-    monkeypatch.setattr(sys, "argv", ["ldb"])  # LightningCLI warns about pytest's own arguments otherwise
-    with pytest.raises(SystemExit) as exited:
-        main(args=["fit", "--config", str(MULTINODE.parent.parent / config_path), "--print_config"])
-    assert exited.value.code in (0, None)
-    config = yaml.safe_load(capsys.readouterr().out)
+    config = printed_recipe_config(monkeypatch, capsys, config_path, ("slurm.sbatch", "README.md"))
     trainer = config["trainer"]
     assert (trainer["strategy"], trainer["devices"], trainer["num_nodes"]) == ("ddp", 8, 2)
     ldb = [c for c in trainer["callbacks"] if c["class_path"] == "lightning_ldb.LayerDropBackCallback"]

@@ -19,10 +19,9 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import TinyMLP
+from helpers import TinyMLP, printed_recipe_config
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, XLAStrategy
 
-from lightning_ldb import LayerDropBackCallback
 from lightning_ldb.fsdp import FSDP2Adapter, tensor_parallel_size
 from lightning_ldb.layers import discover_layers
 from lightning_ldb.sampling import draw_dropped
@@ -276,20 +275,9 @@ def test_fsdp2_recipe_shards_each_vit_encoder_block():
 
 
 def test_fsdp2_recipe_config_parses_with_model_parallel_data_parallel_only(monkeypatch, capsys):
-    pytest.importorskip("jsonargparse")
-    pytest.importorskip("torchvision")
-    yaml = pytest.importorskip("yaml")
-    from lightning_ldb.cli import main
-
-    config_path = "examples/multinode/fsdp2_vit_l16.yaml"
-    for recipe in ("fsdp2_slurm.sh", "README.md"):
-        assert config_path in (MULTINODE / recipe).read_text(), recipe
     monkeypatch.syspath_prepend(str(MULTINODE))  # what the recipes' PYTHONPATH does
-    monkeypatch.setattr(sys, "argv", ["ldb"])
-    with pytest.raises(SystemExit) as exited:
-        main(args=["fit", "--config", str(MULTINODE.parent.parent / config_path), "--print_config"])
-    assert exited.value.code in (0, None)
-    config = yaml.safe_load(capsys.readouterr().out)
+    config_path = "examples/multinode/fsdp2_vit_l16.yaml"
+    config = printed_recipe_config(monkeypatch, capsys, config_path, ("fsdp2_slurm.sh", "README.md"))
     trainer = config["trainer"]
     strategy = trainer["strategy"]
     assert strategy["class_path"] == "lightning.pytorch.strategies.ModelParallelStrategy"

@@ -4,7 +4,6 @@ integer batch limits, lazy modules."""
 
 from __future__ import annotations
 
-from typing import Any
 
 import pytest
 import torch

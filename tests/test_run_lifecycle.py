@@ -8,7 +8,6 @@ from pathlib import Path
 
 import lightning
 import pytest
-import torch
 from helpers import TinyDataModule, TinyMLP, make_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
