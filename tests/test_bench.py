@@ -68,11 +68,13 @@ def test_each_run_is_compared_with_the_baseline_of_its_own_repetition():
 
 def test_attribution_separates_the_schedule_from_the_dropping():
     rows = [
-        {"variant": "ldb", "speedup": report.spread([0.30])},
-        {"variant": "batch-only", "speedup": report.spread([0.20])},
+        {"variant": "ldb", "speedup": report.spread([0.30]), "drop_to_full": report.spread([0.6])},
+        {"variant": "batch-only", "speedup": report.spread([0.20]), "drop_to_full": report.spread([0.9])},
     ]
-    (line,) = report.attribution_lines(rows)
-    assert "+30.0%" in line and "+20.0%" in line and "adds +10.0%" in line
+    epochs, whole = report.attribution_lines(rows)
+    assert "0.60x a full epoch" in epochs and "0.90x with batch-only" in epochs
+    assert "+30.0%" in whole and "+20.0%" in whole and "adds +10.0%" in whole
+    assert report.attribution_lines(rows[:1]) == []
 
 
 def test_variants_change_only_what_they_measure():
@@ -151,12 +153,12 @@ def test_bad_arguments_end_in_one_line_naming_the_argument(argv, expected, capsy
 def test_quick_preset_and_explicit_flags():
     parser = cli.build_parser()
     quick = cli.resolve(parser.parse_args(["--quick"]), cli.QUICK, parser)
-    assert (quick.model, quick.epochs, quick.repeats, quick.threads) == ("digits_cnn", 6, 2, 1)
+    assert (quick.model, quick.epochs, quick.repeats, quick.threads) == ("digits_cnn", 4, 2, 1)
     assert quick.batch_size == WORKLOADS["digits_cnn"].batch_size
     assert {"baseline", "ldb", "batch-only", "drop-only"} <= set(quick.variants)
     assert ("ldb-block" in quick.variants) == block_mode_available()
     assert "stochastic-depth" not in quick.variants  # not a ResNet
-    assert cli.resolve(parser.parse_args(["--quick", "--epochs", "4"]), cli.QUICK, parser).epochs == 4
+    assert cli.resolve(parser.parse_args(["--quick", "--epochs", "6"]), cli.QUICK, parser).epochs == 6
     resnet = cli.resolve(parser.parse_args([]), {}, parser)
     assert resnet.model == "resnet18" and "stochastic-depth" in resnet.variants
 
@@ -179,7 +181,7 @@ def test_every_variant_trains_with_its_schedule_and_the_report_is_written(tmp_pa
     markdown = (tmp_path / "report.md").read_text()
     assert all(f"| {name} |" in markdown for name in runs) and (tmp_path / "report.png").stat().st_size > 0
     out = capsys.readouterr().out
-    assert "[1/" in out and "epoch 2:" in out and "dropping itself adds" in out
+    assert "[1/" in out and "epoch 2:" in out and "the dropping itself adds" in out
 
 
 def test_stochastic_depth_and_mnist1d_run_end_to_end():

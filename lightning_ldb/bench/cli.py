@@ -29,7 +29,7 @@ from lightning_ldb.bench.workloads import WORKLOADS
 from lightning_ldb.callback import LayerDropBackCallback
 
 #: ``--quick``: real data, a cheap model, every variant twice.
-QUICK = {"model": "digits_cnn", "epochs": 6, "repeats": 2}
+QUICK = {"model": "digits_cnn", "epochs": 4, "repeats": 2}
 
 #: ``--suite gpu``: the issue's GPU measurement, one entry per model (explicit flags override each).
 GPU_SUITE = (
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = "; ".join(f"{name} ({workload.about})" for name, workload in WORKLOADS.items())
     preset.add_argument("--model", choices=tuple(WORKLOADS), metavar="NAME", help=f"one of {models} (default: resnet18)")
     preset.add_argument("--quick", action="store_true", help="the short check: digits_cnn on the real 8x8 digits,"
-                        " 6 epochs, 2 repetitions, every variant; meant to finish within 3 minutes on 2 CPU cores")  # fmt: skip
+                        " 4 epochs, 2 repetitions, every variant; meant to finish within 3 minutes on 2 CPU cores")  # fmt: skip
     preset.add_argument("--suite", choices=("gpu",), help="gpu: ResNet-50 (CIFAR shape, from scratch) and ViT-B/16"
                         " (224x224) with baseline, ldb, batch-only, ldb-block; each in its own folder under --out")  # fmt: skip
     preset.add_argument("--epochs", type=_number(int, 1), help="training epochs per run (default: 5)")
