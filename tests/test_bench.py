@@ -197,8 +197,8 @@ def test_stochastic_depth_and_mnist1d_run_end_to_end():
 
 def test_gpu_suite_runs_reduced_on_cpu(tmp_path):
     argv = ["--suite", "gpu", "--accelerator", "cpu", "--epochs", "2", "--every", "1", "--skip-epochs", "0",
-            "--repeats", "1", "--train-samples", "2", "--val-samples", "2", "--batch-size", "2", "--image-size", "16", "--variants", "baseline,ldb",
-            "--out", str(tmp_path)]  # fmt: skip
+            "--repeats", "1", "--train-samples", "2", "--val-samples", "2", "--batch-size", "2",
+            "--image-size", "16", "--variants", "baseline,ldb", "--out", str(tmp_path)]  # fmt: skip
     assert cli.main(argv) == 0  # the full suite's other variants are the ones tested above, on a smaller model
     for model in ("resnet50", "vit-b16"):
         result = json.loads((tmp_path / model / "report.json").read_text())

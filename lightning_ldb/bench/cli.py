@@ -24,7 +24,14 @@ from typing import Any, Callable, Optional
 import torch
 
 from lightning_ldb.bench import report
-from lightning_ldb.bench.runner import PAPER_LDB, VARIANTS, BenchConfig, block_mode_available, run_benchmark, variant_names
+from lightning_ldb.bench.runner import (
+    PAPER_LDB,
+    VARIANTS,
+    BenchConfig,
+    block_mode_available,
+    run_benchmark,
+    variant_names,
+)
 from lightning_ldb.bench.workloads import WORKLOADS
 from lightning_ldb.callback import LayerDropBackCallback
 
@@ -75,6 +82,40 @@ def _variants(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+#: ``(group, flag, type, help)`` of every option; ``(default: ...)`` is added from :data:`DEFAULTS` where it is there.
+_PRESET, _LDB, _MEASURE = (
+    "what to train (a model preset picks its own data and input shape)",
+    "LayerDropBack (defaults: the paper's settings)",
+    "measurement",
+)
+_OPTIONS: tuple[tuple[str, str, Optional[Callable[[str], Any]], str], ...] = (
+    (_PRESET, "--epochs", _number(int, 1), "training epochs per run"),
+    (_PRESET, "--train-samples", _number(int, 1), "training samples (default: the preset's)"),
+    (_PRESET, "--val-samples", _number(int, 1), "validation samples"),
+    (_PRESET, "--batch-size", _number(int, 1), "base (full-epoch) batch size (default: the preset's)"),
+    (_PRESET, "--lr", _number(float, 0, low_open=True), "base SGD learning rate (default: the preset's)"),
+    (_PRESET, "--image-size", _number(int, 1), "side of synthetic images (default: the preset's)"),
+    (_PRESET, "--seed", _number(int, 0), "seed of weights, data order and draws"),
+    (_PRESET, "--accelerator", None, "Lightning accelerator: auto, cpu, gpu"),
+    (_PRESET, "--precision", None, "Lightning precision (default: 32-true; bf16-mixed for --suite gpu on a GPU)"),
+    (_PRESET, "--threads", _number(int, 1), "torch CPU threads (default: 1 on CPU, measured faster on small or"
+     " shared machines than torch's choice, which is kept on a GPU)"),
+    (_LDB, "--drop-rate", _number(float, 0, 1), "fraction of candidate layers dropped"),
+    (_LDB, "--every", _number(int, 1), "a DROP epoch every N epochs"),
+    (_LDB, "--lr-scale", _number(float, 0, low_open=True), "DROP-epoch learning-rate factor"),
+    (_LDB, "--batch-scale", _number(int, 1), "DROP-epoch batch-size factor"),
+    (_LDB, "--keep-first", _number(int, 0), "first layers never dropped"),
+    (_LDB, "--keep-last", _number(int, 0), "last layers never dropped"),
+    (_LDB, "--sd-rate", _number(float, 0, 1), "stochastic-depth: the last block's drop rate, decaying linearly"
+     " to the first (Huang et al.)"),
+    (_MEASURE, "--variants", _variants, "comma-separated, from: "
+     + "; ".join(f"{name}: {what}" for name, (_, what) in VARIANTS.items())
+     + " (default: all that apply: ldb-block if the callback has block mode, stochastic-depth on ResNets)"),
+    (_MEASURE, "--repeats", _number(int, 1), "repetitions, the run order alternating"),
+    (_MEASURE, "--skip-epochs", _number(int, 0), "warm-up epochs left out of the DROP / full epoch ratio"),
+)  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ldb-bench",
@@ -82,45 +123,31 @@ def build_parser() -> argparse.ArgumentParser:
         " seed and hyperparameters) and print which part of the speed-up is the batch/LR schedule and which the"
         " dropping. Writes report.json (all numbers), report.md and report.png.",
     )
-    preset = parser.add_argument_group("what to train (a model preset picks its own data and input shape)")
+    groups = {title: parser.add_argument_group(title) for title in (_PRESET, _LDB, _MEASURE)}
     models = "; ".join(f"{name} ({workload.about})" for name, workload in WORKLOADS.items())
-    preset.add_argument("--model", choices=tuple(WORKLOADS), metavar="NAME", help=f"one of {models} (default: resnet18)")
-    preset.add_argument("--quick", action="store_true", help="the short check: digits_cnn on the real 8x8 digits,"
-                        " 4 epochs, 2 repetitions, every variant; meant to finish within 3 minutes on 2 CPU cores")  # fmt: skip
-    preset.add_argument("--suite", choices=("gpu",), help="gpu: ResNet-50 (CIFAR shape, from scratch) and ViT-B/16"
-                        " (224x224) with baseline, ldb, batch-only, ldb-block; each in its own folder under --out")  # fmt: skip
-    preset.add_argument("--epochs", type=_number(int, 1), help="training epochs per run (default: 5)")
-    preset.add_argument("--train-samples", type=_number(int, 1), help="training samples (default: the preset's)")
-    preset.add_argument("--val-samples", type=_number(int, 1), help="validation samples (default: 256)")
-    preset.add_argument("--batch-size", type=_number(int, 1), help="base (full-epoch) batch (default: the preset's)")
-    preset.add_argument("--lr", type=_number(float, 0, low_open=True), help="base SGD LR (default: the preset's)")
-    preset.add_argument("--image-size", type=_number(int, 1), help="side of synthetic images (default: the preset's)")
-    preset.add_argument("--seed", type=_number(int, 0), help="seed of weights, data and draws (default: 0)")
-    preset.add_argument("--accelerator", help="Lightning accelerator: auto, cpu, gpu (default: auto)")
-    preset.add_argument("--precision", help="Lightning precision, e.g. 32-true, bf16-mixed (default: 32-true;"
-                        " bf16-mixed for --suite gpu on a GPU)")  # fmt: skip
-    preset.add_argument("--threads", type=_number(int, 1), help="torch CPU threads (default: 1 on CPU, where more"
-                        " threads were measured slower on small or shared machines; torch's choice on a GPU)")  # fmt: skip
-
-    ldb = parser.add_argument_group("LayerDropBack (defaults: the paper's settings)")
-    ldb.add_argument("--drop-rate", type=_number(float, 0, 1), help="fraction of layers dropped (default: 0.3)")
-    ldb.add_argument("--every", type=_number(int, 1), help="a DROP epoch every N epochs (default: 2)")
-    ldb.add_argument("--lr-scale", type=_number(float, 0, low_open=True), help="DROP-epoch LR factor (default: 2)")
-    ldb.add_argument("--batch-scale", type=_number(int, 1), help="DROP-epoch batch factor (default: 2)")
-    ldb.add_argument("--keep-first", type=_number(int, 0), help="first layers never dropped (default: 4)")
-    ldb.add_argument("--keep-last", type=_number(int, 0), help="last layers never dropped (default: 1)")
-    ldb.add_argument("--sd-rate", type=_number(float, 0, 1), help="Stochastic Depth: last block's drop rate,"
-                     " decaying linearly to the first (default: 0.5, Huang et al.)")  # fmt: skip
-
-    bench = parser.add_argument_group("measurement")
-    bench.add_argument("--variants", type=_variants, help="comma-separated, from: " + "; ".join(
-        f"{name}: {what}" for name, (_, what) in VARIANTS.items()) + " (default: all that apply: ldb-block if the"
-        " callback has block mode, stochastic-depth on ResNets)")  # fmt: skip
-    bench.add_argument("--repeats", type=_number(int, 1), help="repetitions, run order alternating (default: 2)")
-    bench.add_argument("--skip-epochs", type=_number(int, 0), help="warm-up epochs left out of the DROP / full"
-                       " epoch ratio (default: 1)")  # fmt: skip
-    bench.add_argument("--out", type=Path, default=Path("outputs/ldb-bench"), help="output folder"
-                       " (default: outputs/ldb-bench)")  # fmt: skip
+    groups[_PRESET].add_argument(
+        "--model", choices=tuple(WORKLOADS), metavar="NAME", help=f"one of {models} (default: resnet18)"
+    )
+    groups[_PRESET].add_argument(
+        "--quick",
+        action="store_true",
+        help="the short check: digits_cnn on the real 8x8 digits, 4 epochs, 2 repetitions, every variant;"
+        " meant to finish within 3 minutes on 2 CPU cores",
+    )
+    groups[_PRESET].add_argument(
+        "--suite",
+        choices=("gpu",),
+        help="gpu: ResNet-50 (32x32, from scratch) and ViT-B/16 (224x224) with baseline, ldb, batch-only and"
+        " ldb-block, each in its own folder under --out; other flags given override the suite's sizes",
+    )
+    for group, flag, kind, text in _OPTIONS:
+        name = flag[2:].replace("-", "_")
+        default = f" (default: {DEFAULTS[name]:g})" if isinstance(DEFAULTS.get(name), float) else ""
+        default = default or (f" (default: {DEFAULTS[name]})" if name in DEFAULTS else "")
+        groups[group].add_argument(flag, type=kind, help=text + default)
+    groups[_MEASURE].add_argument(
+        "--out", type=Path, default=Path("outputs/ldb-bench"), help="output folder (default: outputs/ldb-bench)"
+    )
     return parser
 
 

@@ -122,9 +122,8 @@ class SyncedEpochClock(Callback):
         if batch_idx + 1 >= trainer.num_training_batches:
             self._sync(pl_module)
             seconds = time.perf_counter() - self._start
-            self.epochs.append(
-                {"epoch": trainer.current_epoch, "seconds": seconds, "steps": self._steps, "batch_size": self._batch_size}
-            )
+            record = {"epoch": trainer.current_epoch, "seconds": seconds, "steps": self._steps}
+            self.epochs.append({**record, "batch_size": self._batch_size})
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.epochs and "val_acc" in trainer.callback_metrics:

@@ -83,7 +83,7 @@ WORKLOADS: dict[str, Workload] = {
     ),
     "vit-small": Workload(_vit(4, 6, 3, 192, 384), "synthetic", (3, 32, 32), lr=0.01, about="6 layers, width 192"),
     "digits_cnn": Workload(_paper_model("digits_cnn"), "digits", (1, 8, 8), 1437, 32, 0.05, about="real 8x8 digits"),
-    "mnist1d-cnn": Workload(_mnist1d_cnn, "mnist1d", (1, 40), 4000, 64, 0.05, about="1-D CNN, MNIST-1D from its generator"),
+    "mnist1d-cnn": Workload(_mnist1d_cnn, "mnist1d", (1, 40), 4000, 64, 0.05, about="1-D CNN, generated MNIST-1D"),
     # The GPU suite's two: ResNet-50 from scratch on CIFAR shapes, ViT-B/16 at its fine-tuning shape.
     "resnet50": Workload(_paper_model("resnet50"), "synthetic", (3, 32, 32), 8192, 128, 0.1, True, "CIFAR stem"),
     "vit-b16": Workload(_vit(16, 12, 12, 768, 3072), "synthetic", (3, 224, 224), 2048, 64, 0.01, about="224x224"),
@@ -91,7 +91,9 @@ WORKLOADS: dict[str, Workload] = {
 
 
 def workload_for(model: str, image_size: Optional[int] = None) -> Workload:
-    """The preset ``model``, on square synthetic images of side ``image_size`` if given (a ViT then gets its position table).
+    """The preset ``model``, on square synthetic images of side ``image_size`` if given.
+
+    A ViT built for another image size gets a position table of the matching length.
 
     Raises:
         ValueError: If ``model`` is unknown, or ``image_size`` is given for a preset with real data.
@@ -155,7 +157,8 @@ def add_stochastic_depth(net: nn.Module, final_rate: float, seed: int) -> int:
         raise ValueError(f"`final_rate` must be in [0, 1), got {final_rate!r}.")
     blocks = [m for m in net.modules() if isinstance(m, (BasicBlock, Bottleneck)) and m.downsample is None]
     if not blocks:
-        raise ValueError(f"Stochastic Depth needs residual blocks with identity shortcuts; {type(net).__name__} has none.")
+        name = type(net).__name__
+        raise ValueError(f"Stochastic Depth needs residual blocks with identity shortcuts; {name} has none.")
     generator = torch.Generator().manual_seed(draw_key(seed, -2))
     for index, block in enumerate(blocks, start=1):
         block.forward = functools.partial(_stochastic_forward, block, final_rate * index / len(blocks), generator)
