@@ -1,381 +1,218 @@
-"""The benchmark (``python -m lightning_ldb.bench``): its arithmetic, its FLOP accounting, and a tiny end-to-end run.
+"""``ldb-bench``: its arithmetic, its Stochastic Depth peer, its command line, and tiny end-to-end runs.
 
-No test here asserts anything about timing: the numbers measured on a shared machine are the report's
-business, not a test's.
+No test asserts anything about timing: figures measured on a shared machine are the report's business.
 """
 
 import json
 
 import pytest
 import torch
-from helpers import TinyMLP, make_trainer
-from lightning.pytorch import Callback
-from torch import nn
+from torchvision.models import resnet18
 
-from lightning_ldb import LayerDropBackCallback
-from lightning_ldb.bench import cli
-from lightning_ldb.bench.flops import count_step_flops, dropped_layers, first_step_of_epoch, ldb_step_flops
-from lightning_ldb.bench.report import (
-    EpochResult,
-    RunResult,
-    Spread,
-    drop_epoch_ratio,
-    drop_vs_reference_ratio,
-    flop_accounting,
-    flop_predicted_speedup,
-    full_epoch_overhead,
-    render_markdown,
-    speedup,
-    summarize,
-    throughput,
-    to_jsonable,
-)
-from lightning_ldb.sampling import draw_dropped
+from lightning_ldb.bench import cli, report
+from lightning_ldb.bench.runner import VARIANTS, BenchConfig, block_mode_available, run_benchmark, run_variant
+from lightning_ldb.bench.workloads import WORKLOADS, add_stochastic_depth
+
+TINY = {"model": "digits_cnn", "epochs": 3, "train_samples": 48, "val_samples": 16, "batch_size": 16, "repeats": 1}
+
+
+def _run(variant, repeat, seconds, modes=None, acc=0.5):
+    modes = modes or ["full"] * len(seconds)
+    epochs = [
+        {"epoch": e, "seconds": s, "mode": m, "steps": 2 if m == "drop" else 4, "val_acc": acc}
+        for e, (s, m) in enumerate(zip(seconds, modes))
+    ]
+    return {"variant": variant, "repeat": repeat, "epochs": epochs}
 
 
 # ---------------------------------------------------------------------------------------------- arithmetic
-def test_speedup_is_the_relative_time_saved():
-    assert speedup(75.0, 100.0) == 0.25
-    assert speedup(100.0, 100.0) == 0.0
-    assert speedup(120.0, 100.0) == -0.2
+def test_speedup_and_spread_by_hand():
+    assert report.speedup(75.0, 100.0) == 0.25
+    assert report.speedup(120.0, 100.0) == -0.2
     with pytest.raises(ValueError, match="baseline_seconds"):
-        speedup(1.0, 0.0)
-    with pytest.raises(ValueError, match="ldb_seconds"):
-        speedup(-1.0, 10.0)
+        report.speedup(1.0, 0.0)
+    assert report.spread([2.0, 4.0, 9.0]) == {"mean": 5.0, "min": 2.0, "max": 9.0, "n": 3}
+    assert report.spread([]) is None
 
 
-def test_throughput_and_spread():
-    assert throughput(1024, 32.0) == 32.0
-    with pytest.raises(ValueError, match="seconds"):
-        throughput(10, 0.0)
-    spread = Spread.of([2.0, 4.0, 6.0])
-    assert (spread.n, spread.mean, spread.std, spread.min, spread.max) == (3, 4.0, 2.0, 2.0, 6.0)
-    assert Spread.of([5.0]).std == 0.0
-    assert spread.format(digits=1, unit=" s") == "4.0 ± 2.0 s (2.0–6.0 s, n=3)"
-    with pytest.raises(ValueError, match="at least one"):
-        Spread.of([])
+def test_drop_to_full_ratio_leaves_out_warm_up_and_needs_both_modes():
+    epochs = _run("ldb", 0, [10.0, 4.0, 2.0, 4.0, 3.0], ["full", "full", "drop", "full", "drop"])["epochs"]
+    assert report.drop_to_full_ratio(epochs, skip_epochs=1) == pytest.approx(2.5 / 4.0)
+    assert report.drop_to_full_ratio(epochs, skip_epochs=0) == pytest.approx(2.5 / 6.0)
+    assert report.drop_to_full_ratio(epochs[:2], skip_epochs=0) is None
 
 
-def _run(variant, group, seconds, modes=None, accs=None, steps=None):
-    modes = modes or ["full"] * len(seconds)
-    accs = accs or [None] * len(seconds)
-    steps = steps or [16 if m == "full" else 8 for m in modes]
-    epochs = [
-        EpochResult(i, m, s, 1024, n, 64 if m == "full" else 128, a)
-        for i, (s, m, a, n) in enumerate(zip(seconds, modes, accs, steps))
-    ]
-    return RunResult(variant, group, epochs)
-
-
-LDB_MODES = ["full", "full", "drop", "full", "drop"]
-
-
-def test_paired_comparison_by_hand():
-    # Baseline: five 10 s epochs (50 s). LDB: full epochs 10 s, DROP epochs 7 s (44 s): 12% saved.
-    baseline = _run("baseline", "g0", [10.0] * 5, accs=[0.2, 0.4, 0.5, 0.6, 0.7])
-    ldb = _run("ldb", "g0", [10.0, 10.0, 7.0, 10.0, 7.0], LDB_MODES, accs=[0.2, 0.4, 0.55, 0.58, 0.66])
-    assert ldb.total_seconds == 44.0
-    assert ldb.optimizer_steps == 16 * 3 + 8 * 2
-    assert ldb.throughput == 5 * 1024 / 44.0
-    assert (ldb.final_val_acc, ldb.best_val_acc) == (0.66, 0.66)
-    assert drop_epoch_ratio(ldb, skip_epochs=1) == 0.7
-    assert drop_vs_reference_ratio(ldb, baseline) == 0.7
-    assert ldb.timeline()[2] == (27.0, 0.55)
-
-    summary = summarize([baseline, ldb], skip_epochs=1)
-    comparison = summary["comparisons"]["ldb"]
-    assert comparison["pairs"] == 1
-    assert comparison["speedup"].mean == pytest.approx(0.12)
-    assert comparison["final_val_acc_gap"].mean == pytest.approx(-0.04)
-    assert summary["variants"]["ldb"]["drop_epoch_seconds"] == Spread.of([7.0, 7.0])
-    assert summary["variants"]["ldb"]["full_epoch_seconds"] == Spread.of([10.0, 10.0])  # epoch 0 is warm-up
-    (target,) = summary["targets"]
-    assert target["met"] and target["measured"].mean == 0.7
-
-
-def test_runs_are_paired_within_their_group_only():
-    runs = [
-        _run("baseline", "a", [10.0, 10.0]),
-        _run("ldb", "a", [10.0, 5.0], ["full", "drop"]),
-        _run("ldb", "b", [20.0, 20.0], ["full", "drop"]),
-        _run("baseline", "b", [20.0, 40.0]),
-    ]
-    speedups = summarize(runs)["comparisons"]["ldb"]["speedup"]
-    assert (speedups.n, speedups.min) == (2, 0.25) and speedups.max == pytest.approx(1 - 40 / 60)
-
-
-def test_overhead_compares_full_epochs_after_warm_up():
-    baseline = _run("baseline", "g", [30.0, 10.0, 10.0])
-    installed = _run("callback-only", "g", [10.0, 10.1, 10.0])
-    assert full_epoch_overhead(installed, baseline, skip_epochs=1) == pytest.approx(0.005)
-    summary = summarize([baseline, installed], skip_epochs=1)
-    assert summary["comparisons"]["callback-only"]["full_epoch_overhead"].mean == pytest.approx(0.005)
-    assert [t["met"] for t in summary["targets"]] == [True]  # 0.5% is within the 1% target
-    # "Within 1%" is two-sided: a run 5% *faster* than the baseline shows noise, not a met target.
-    faster = _run("callback-only", "g", [10.0, 9.5, 9.5])
-    assert [t["met"] for t in summarize([baseline, faster], skip_epochs=1)["targets"]] == [False]
-
-
-def test_flop_accounting_by_hand():
-    # A full step of 64 samples: 640 FLOPs; a DROP step of 128 samples: 1024 FLOPs -> 0.8x per sample.
-    accounting = flop_accounting(full_step=640.0, full_batch=64, drop_step=1024.0, drop_batch=128)
-    assert accounting == {"full_per_sample": 10.0, "drop_per_sample": 8.0, "per_sample_ratio": 0.8, "saving": 0.2}
-    # Two DROP epochs of five, each 20% cheaper: 8% saved overall.
-    assert flop_predicted_speedup(LDB_MODES, 0.8) == 0.08
-    with pytest.raises(ValueError, match="drop_batch"):
-        flop_accounting(1.0, 1, 1.0, 0)
-
-
-def test_report_is_strict_json_and_renders():
-    runs = [
-        _run("baseline", "g", [10.0, 10.0, 10.0], accs=[0.1, 0.2, 0.3]),
-        _run("ldb", "g", [10.0, 10.0, 6.0], ["full", "full", "drop"], accs=[0.1, 0.2, 0.3]),
-    ]
-    report = to_jsonable(
-        {
-            "kind": "paired",
-            "config": {"model": "m", "ldb": {"drop_rate": 0.3}},
-            "runs": [r.to_dict() for r in runs],
-            "flops": {},
-            "summary": summarize(runs),
-        }
-    )
-    text = json.dumps(report, allow_nan=False)
-    markdown = render_markdown(json.loads(text))
-    assert "| ldb | 1 | 13.3% |" in markdown  # speed-up 1 - 26/30
-    assert RunResult.from_dict(report["runs"][1]).total_seconds == 26.0
-
-
-# ---------------------------------------------------------------------------------------------- FLOPs
-def _linear_stack():
-    # Four bias-free Linear layers 8 -> 16 -> 16 -> 16 -> 4. With B samples a layer i -> o costs 2*B*i*o
-    # FLOPs forward, as much for its weight gradient (dW), and as much again for its input gradient (dX),
-    # which autograd computes only if something below it is trainable.
-    return nn.Sequential(
-        nn.Linear(8, 16, bias=False),
-        nn.Linear(16, 16, bias=False),
-        nn.Linear(16, 16, bias=False),
-        nn.Linear(16, 4, bias=False),
-    )
-
-
-def _sum_loss(model, x):
-    return model(x).sum()
-
-
-B = 5
-FORWARD = 2 * B * (8 * 16 + 16 * 16 + 16 * 16 + 16 * 4)  # 7040
-WEIGHT_GRADS = FORWARD  # every layer's dW costs what its forward costs
-INPUT_GRADS = 2 * B * (16 * 16 + 16 * 16 + 16 * 4)  # dX of layers 1-3; layer 0's input needs no gradient
-FULL = FORWARD + WEIGHT_GRADS + INPUT_GRADS  # 19840
-
-
-def test_full_step_flops_by_hand():
-    model = _linear_stack()
-    assert count_step_flops(model, _sum_loss, torch.zeros(B, 8)) == FULL == 19840
-
-
-def test_dropped_middle_layer_saves_only_its_weight_gradient():
-    model = _linear_stack()
-    saved = count_step_flops(model, _sum_loss, torch.zeros(B, 8)) - count_step_flops(
-        model, _sum_loss, torch.zeros(B, 8), frozen=model[2].parameters()
-    )
-    assert saved == 2 * B * 16 * 16  # dW of layer 2; its dX is still needed for layers 0 and 1
-    assert all(p.requires_grad and p.grad is None for p in model.parameters())  # freezing undone, no gradient left
-
-
-def test_dropped_prefix_saves_weight_and_input_gradients():
-    model = _linear_stack()
-    frozen = count_step_flops(model, _sum_loss, torch.zeros(B, 8), frozen=model[0].parameters())
-    # dW of layer 0, and dX of layer 1: nothing below layer 1 needs a gradient any more.
-    assert FULL - frozen == 2 * B * 8 * 16 + 2 * B * 16 * 16
-
-
-def test_ldb_step_flops_use_the_callbacks_draw_and_batch_scale():
-    model = _linear_stack()
-    # keep_first=1 and keep_last=1 leave layers 1 and 2 as candidates; p=0.9 with seed 3 drops both on epoch 2.
-    callback = LayerDropBackCallback(drop_rate=0.9, every=2, batch_scale=2, keep_first=1, keep_last=1)
-    assert draw_dropped(2, 0.9, seed=3, epoch=2) == (True, True)
-
-    def batch(size, device):
-        return torch.zeros(size, 8, device=device)
-
-    flops = ldb_step_flops(model, _sum_loss, batch, callback, seed=3, batch_size=B, epochs=3, samples=20)
-    assert flops.full_step == FULL
-    assert flops.drop_epochs == (2,) and flops.dropped == (("1", "2"),)
-    assert flops.drop_batch == 2 * B
-    assert flops.drop_step == 2 * (FULL - 2 * (2 * B * 16 * 16))  # twice the samples, two dW saved
-    accounting = flop_accounting(flops.full_step, flops.full_batch, flops.drop_step, flops.drop_batch)
-    assert accounting["saving"] == pytest.approx(2 * 2 * B * 16 * 16 / FULL)
-
-
-def test_step_draws_are_keyed_on_the_epochs_first_optimizer_step():
-    callback = LayerDropBackCallback(every=2, batch_scale=2)
-    # 100 samples in batches of 10 (epochs 0, 1) then 20 (epoch 2): epoch 3 starts at step 10 + 10 + 5.
-    assert first_step_of_epoch(3, samples=100, batch_size=10, callback=callback) == 25
-
-
-def test_flop_draw_is_the_draw_the_callback_makes_in_training():
-    class Probe(Callback):
-        dropped = {}
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.dropped[trainer.current_epoch] = ldb.dropped_layers
-
-    ldb = LayerDropBackCallback(drop_rate=0.5, every=2, seed=11, batch_scale=1)
-    probe = Probe()
-    model = TinyMLP()
-    make_trainer(max_epochs=5, callbacks=[ldb, probe]).fit(model)
-    for epoch in (2, 4):
-        assert probe.dropped[epoch] == tuple(layer.name for layer in dropped_layers(model, ldb, 11, epoch))
-    assert any(probe.dropped[e] for e in (2, 4))
-
-
-# ---------------------------------------------------------------------------------------------- end to end
-# One thread: on a busy 2-core machine two OpenMP threads spin against other processes and run ~8x slower.
-TINY = [
-    "--model",
-    "digits_cnn",
-    "--image-size",
-    "8",
-    "--train-samples",
-    "32",
-    "--val-samples",
-    "16",
-    "--batch-size",
-    "8",
-    "--epochs",
-    "3",
-    "--no-progress-bar",
-    "--threads",
-    "1",
-]
-
-
-@pytest.fixture(scope="module")
-def tiny_report(tmp_path_factory):
-    import logging
-
-    out = tmp_path_factory.mktemp("bench")
-    level, threads = logging.getLogger("lightning.pytorch").level, torch.get_num_threads()
-    code = cli.main(
-        TINY + ["--variants", "baseline,ldb,callback-only", "--profile", "--profile-steps", "1", "--out", str(out)]
-    )
-    assert code == 0
-    # The quieted logger and the thread count (--threads 1) are put back for the rest of the session.
-    assert (logging.getLogger("lightning.pytorch").level, torch.get_num_threads()) == (level, threads)
-    return out
-
-
-def _assert_png(path):
-    data = path.read_bytes()
-    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) < 200_000
-    import matplotlib.image
-
-    assert matplotlib.image.imread(path).ndim == 3
-
-
-def test_tiny_benchmark_writes_json_markdown_and_png(tiny_report):
-    report = json.loads((tiny_report / "report.json").read_text())
-    assert [r["variant"] for r in report["runs"]] == ["baseline", "ldb", "callback-only"]
-    baseline, ldb, installed = (RunResult.from_dict(r) for r in report["runs"])
-    assert [e.mode for e in ldb.epochs] == ["full", "full", "drop"]
-    assert [e.batch_size for e in ldb.epochs] == [8, 8, 16]
-    assert [e.optimizer_steps for e in ldb.epochs] == [4, 4, 2]
-    assert all(e.mode == "full" for e in installed.epochs)
-    # Same seed, weights and batches: until the first DROP epoch every run is the same computation.
-    assert (
-        [e.val_acc for e in baseline.epochs[:2]]
-        == [e.val_acc for e in ldb.epochs[:2]]
-        == [e.val_acc for e in installed.epochs[:2]]
-    )
-    assert ldb.hook_calls["on_train_batch_start"] == ldb.optimizer_steps
-    assert ldb.hook_calls["optimizer.step pre-step hook"] == ldb.optimizer_steps
-    assert report["flops"]["ldb"]["drop_batch"] == 16 and report["flops"]["ldb"]["per_sample_ratio"] <= 1.0
-    assert {row["name"] for row in report["profile"]["rows"]} == {"full step", "DROP step"}
-    assert set(report["summary"]["comparisons"]) == {"ldb", "callback-only"}
-
-    markdown = (tiny_report / "report.md").read_text()
-    for heading in (
-        "## Results",
-        "## Paired comparison",
-        "## FLOPs",
-        "## The callback's own work",
-        "## Targets",
-        "## Step profile",
-    ):
-        assert heading in markdown
-    _assert_png(tiny_report / "report.png")
-
-
-def test_merge_pools_runs_of_several_reports(tiny_report, tmp_path):
-    first = tiny_report / "report.json"
-    assert cli.main(["--merge", str(first), str(first), "--out", str(tmp_path)]) == 0
-    merged = json.loads((tmp_path / "report.json").read_text())
-    assert len(merged["runs"]) == 6 and len(merged["merged_from"]) == 2
-    _assert_png(tmp_path / "report.png")
-
-
-def test_tiny_sweep_writes_a_table_and_a_plot(tmp_path):
-    assert cli.main(TINY + ["--sweep", "drop_rate=0.2,0.6", "--no-hook-timing", "--out", str(tmp_path)]) == 0
-    report = json.loads((tmp_path / "sweep.json").read_text())
-    assert report["kind"] == "sweep" and report["sweep"]["variants"] == {
-        "ldb drop_rate=0.2": 0.2,
-        "ldb drop_rate=0.6": 0.6,
+def test_each_run_is_compared_with_the_baseline_of_its_own_repetition():
+    modes = ["full", "full", "drop"]
+    result = {
+        "config": {"skip_epochs": 1},
+        "runs": [
+            _run("baseline", 0, [1.0, 1.0, 2.0]),  # 4 s
+            _run("ldb", 0, [1.0, 1.0, 1.0], modes, acc=0.7),  # 3 s: +25%
+            _run("ldb", 1, [2.0, 2.0, 2.0], modes, acc=0.9),  # 6 s against 8 s: +25%, not -50%
+            _run("baseline", 1, [2.0, 2.0, 4.0]),
+        ],
     }
-    assert [r["variant"] for r in report["runs"]] == ["baseline", "ldb drop_rate=0.2", "ldb drop_rate=0.6"]
-    markdown = (tmp_path / "sweep.md").read_text()
-    assert "| 0.2 |" in markdown and "| 0.6 |" in markdown
-    _assert_png(tmp_path / "sweep.png")
+    rows = {row["variant"]: row for row in report.summarize(result)}
+    assert list(rows) == ["baseline", "ldb"]
+    assert rows["ldb"]["speedup"] == {"mean": 0.25, "min": 0.25, "max": 0.25, "n": 2}
+    assert rows["ldb"]["seconds"]["min"] == 3.0 and rows["ldb"]["seconds"]["max"] == 6.0
+    assert rows["ldb"]["drop_to_full"]["mean"] == 1.0
+    assert rows["ldb"]["steps"]["mean"] == 10.0
+    assert rows["ldb"]["final_acc"]["mean"] == pytest.approx(0.8)
+    assert rows["baseline"]["drop_to_full"] is None
+    table = report.markdown_table(report.summarize(result))
+    assert "| ldb | 4.50 (3.00 to 6.00) | 1.00 | 10 | 0.800 (0.700 to 0.900) | +25.0% |" in table
+    assert "| baseline | 6.00 (4.00 to 8.00) | – |" in table
 
 
-def test_sweeps_split_over_invocations_merge_into_one():
-    from lightning_ldb.bench.runner import build_report, merge_reports
+def test_attribution_separates_the_schedule_from_the_dropping():
+    rows = [
+        {"variant": "ldb", "speedup": report.spread([0.30]), "drop_to_full": report.spread([0.6])},
+        {"variant": "batch-only", "speedup": report.spread([0.20]), "drop_to_full": report.spread([0.9])},
+    ]
+    epochs, whole = report.attribution_lines(rows)
+    assert "0.60x a full epoch" in epochs and "0.90x with batch-only" in epochs
+    assert "+30.0%" in whole and "+20.0%" in whole and "adds +10.0%" in whole
+    assert report.attribution_lines(rows[:1]) == []
 
-    def sweep_report(group, values):
-        runs = [_run("baseline", group, [10.0, 10.0, 10.0])]
-        runs += [_run(f"ldb every={v}", group, [10.0, 8.0, 8.0], ["full", "drop", "drop"]) for v in values]
-        config = {
-            "model": "m",
-            "epochs": 3,
-            "train_samples": 8,
-            "val_samples": 8,
-            "batch_size": 4,
-            "image_size": 8,
-            "seed": 0,
-        }
-        return build_report(config, {}, runs, {}, {"key": "every", "variants": {f"ldb every={v}": v for v in values}})
 
-    merged = merge_reports([sweep_report("a", [1]), sweep_report("b", [2])])
-    assert merged["sweep"]["variants"] == {"ldb every=1": 1, "ldb every=2": 2}
-    assert merged["summary"]["comparisons"]["ldb every=2"]["speedup"]["mean"] == pytest.approx(1 - 26 / 30)
-    with pytest.raises(ValueError, match="sweep and paired"):
-        merge_reports([sweep_report("a", [1]), build_report(merged["config"], {}, [_run("baseline", "c", [1.0])], {})])
+def test_variants_change_only_what_they_measure():
+    config = BenchConfig()
+    ldb = config.callback_args("ldb")
+    assert config.callback_args("baseline") is None and config.callback_args("stochastic-depth") is None
+    assert config.callback_args("batch-only") == {**ldb, "drop_rate": 0.0}
+    assert config.callback_args("drop-only") == {**ldb, "batch_scale": 1}
+    assert config.callback_args("ldb-block") == {**ldb, "backward": "block"}
+    assert ldb["lr_scale"] == 2.0 and ldb["batch_scale"] == 2 and ldb["drop_rate"] == 0.3
+
+
+# ---------------------------------------------------------------------------------------------- stochastic depth
+def test_stochastic_depth_skips_identity_blocks_forward_and_backward_and_uses_its_own_generator():
+    net = resnet18(num_classes=3)
+    assert add_stochastic_depth(net, final_rate=0.0, seed=0) == 5
+    net = resnet18(num_classes=3)
+    add_stochastic_depth(net, final_rate=0.999, seed=0)
+    last = net.layer4[1]  # identity shortcut, the last block: rate 0.999
+    x = torch.rand(2, 512, 2, 2)
+    state = torch.get_rng_state()
+    net.train()
+    assert torch.equal(last(x), x)  # branch skipped
+    assert torch.equal(torch.get_rng_state(), state)  # draws do not touch the global RNG
+    net(torch.rand(2, 3, 32, 32)).sum().backward()
+    assert last.conv1.weight.grad is None  # skipped in backward too
+    assert net.layer4[0].conv1.weight.grad is not None  # the projecting block always runs
+    net.eval()
+    assert not torch.equal(last(x), x)  # evaluation runs every block
+
+
+def test_stochastic_depth_rejects_networks_without_identity_blocks():
+    with pytest.raises(ValueError, match="identity shortcuts"):
+        add_stochastic_depth(torch.nn.Sequential(torch.nn.Linear(2, 2)), 0.5, seed=0)
+    with pytest.raises(ValueError, match="final_rate"):
+        add_stochastic_depth(resnet18(), 1.0, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def test_help_gives_every_option_a_description_and_one_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    parser = cli.build_parser()
+    for action in parser._actions:
+        assert action.help, action.option_strings
+    assert "default: None" not in text
+    for action in parser._actions:
+        if action.option_strings and action.option_strings[0] not in ("-h", "--quick"):
+            assert action.help.count("default") <= 1, action.option_strings
 
 
 @pytest.mark.parametrize(
-    "argv, flag",
+    ("argv", "expected"),
     [
-        (["--sweep", "momentum=0.1"], "--sweep"),
-        (["--sweep", "drop_rate=0.1,1.5"], "--sweep"),
-        (["--sweep", "every=1,4", "--epochs", "3"], "--sweep"),
-        (["--drop-rate", "1.0"], "--drop-rate"),
-        (["--every", "3", "--epochs", "3"], "--every"),
-        (["--variants", "baseline,fast"], "--variants"),
-        (["--epochs", "0"], "--epochs"),
-        (["--skip-epochs", "3", "--epochs", "3"], "--skip-epochs"),
+        (["--epochs", "0"], "argument --epochs: expected an integer in [1, inf), got '0'"),
+        (["--drop-rate", "1.5"], "argument --drop-rate: expected a number in [0, 1), got '1.5'"),
+        (["--lr", "0"], "argument --lr: expected a number in (0, inf), got '0'"),
+        (["--variants", "ldb,nope"], "argument --variants: expected distinct names among baseline"),
+        (["--model", "digits_cnn", "--image-size", "32"], "argument --image-size: digits_cnn trains on digits"),
+        (["--model", "digits_cnn", "--variants", "stochastic-depth"], "stochastic-depth needs a ResNet"),
+        (["--epochs", "2"], "argument --every: 2 leaves no DROP epoch in 2 epochs"),
+        (["--epochs", "3", "--skip-epochs", "3"], "argument --skip-epochs: must be below --epochs (3), got 3"),
+        (["--quick", "--suite", "gpu"], "argument --quick: not allowed with --suite"),
     ],
 )
-def test_bad_arguments_name_the_flag(argv, flag, capsys):
+def test_bad_arguments_end_in_one_line_naming_the_argument(argv, expected, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     assert exit_info.value.code == 2
-    assert flag in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
 
 
-def test_merge_rejects_a_file_that_is_not_a_report(tmp_path, capsys):
-    bogus = tmp_path / "x.json"
-    bogus.write_text(json.dumps({"schema": "something else", "config": {}, "runs": []}))
-    with pytest.raises(SystemExit):
-        cli.main(["--merge", str(bogus), "--out", str(tmp_path / "out")])
-    assert "--merge" in capsys.readouterr().err
+def test_quick_preset_and_explicit_flags():
+    parser = cli.build_parser()
+    quick = cli.resolve(parser.parse_args(["--quick"]), cli.QUICK, parser)
+    assert (quick.model, quick.epochs, quick.repeats, quick.threads) == ("digits_cnn", 4, 2, 1)
+    assert quick.batch_size == WORKLOADS["digits_cnn"].batch_size
+    assert {"baseline", "ldb", "batch-only", "drop-only"} <= set(quick.variants)
+    assert ("ldb-block" in quick.variants) == block_mode_available()
+    assert "stochastic-depth" not in quick.variants  # not a ResNet
+    assert cli.resolve(parser.parse_args(["--quick", "--epochs", "6"]), cli.QUICK, parser).epochs == 6
+    resnet = cli.resolve(parser.parse_args([]), {}, parser)
+    assert resnet.model == "resnet18" and "stochastic-depth" in resnet.variants
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def test_every_variant_trains_with_its_schedule_and_the_report_is_written(tmp_path, capsys):
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    variants = "baseline,ldb,batch-only,drop-only" + (",ldb-block" if block_mode_available() else "")
+    assert cli.main([*argv, "--variants", variants, "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "report.json").read_text())
+    runs = {run["variant"]: run["epochs"] for run in result["runs"]}
+    steps = {name: [e["steps"] for e in epochs] for name, epochs in runs.items()}
+    assert steps["baseline"] == [3, 3, 3] and steps["drop-only"] == [3, 3, 3]
+    assert steps["ldb"] == [3, 3, 2] and steps["batch-only"] == [3, 3, 2]  # batch x2 on the DROP epoch
+    assert [e["batch_size"] for e in runs["ldb"]] == [16, 16, 32]
+    assert [e["mode"] for e in runs["ldb"]] == ["full", "full", "drop"]
+    assert all(0.0 <= e["val_acc"] <= 1.0 and e["seconds"] > 0 for epochs in runs.values() for e in epochs)
+    # Identical full epochs before the first DROP epoch: same weights, data and order in every variant.
+    assert len({epochs[1]["val_acc"] for epochs in runs.values()}) == 1
+    markdown = (tmp_path / "report.md").read_text()
+    assert all(f"| {name} |" in markdown for name in runs) and (tmp_path / "report.png").stat().st_size > 0
+    out = capsys.readouterr().out
+    assert "[1/" in out and "epoch 2:" in out and "the dropping itself adds" in out
+
+
+def test_stochastic_depth_and_mnist1d_run_end_to_end():
+    sd = BenchConfig(model="resnet18", image_size=8, epochs=2, train_samples=8, val_samples=8, batch_size=4)
+    epochs = run_variant(sd, "stochastic-depth", log=lambda line: None)["epochs"]
+    assert [e["mode"] for e in epochs] == ["full", "full"] and [e["steps"] for e in epochs] == [2, 2]
+    mnist1d = BenchConfig(model="mnist1d-cnn", variants=("baseline", "ldb"), epochs=3, train_samples=64,
+                          val_samples=32, batch_size=16, repeats=1)  # fmt: skip
+    result = run_benchmark(mnist1d, log=lambda line: None)
+    assert [run["variant"] for run in result["runs"]] == ["baseline", "ldb"]
+    assert [e["steps"] for e in result["runs"][1]["epochs"]] == [4, 4, 2]
+
+
+def test_gpu_suite_runs_reduced_on_cpu(tmp_path):
+    argv = ["--suite", "gpu", "--accelerator", "cpu", "--epochs", "2", "--every", "1", "--skip-epochs", "0",
+            "--repeats", "1", "--train-samples", "2", "--val-samples", "2", "--batch-size", "2",
+            "--image-size", "16", "--variants", "baseline,ldb", "--out", str(tmp_path)]  # fmt: skip
+    assert cli.main(argv) == 0  # the full suite's other variants are the ones tested above, on a smaller model
+    for model in ("resnet50", "vit-b16"):
+        result = json.loads((tmp_path / model / "report.json").read_text())
+        assert [run["variant"] for run in result["runs"]] == ["baseline", "ldb"]
+        assert result["config"]["model"] == model and result["config"]["image_size"] == 16
+    parser = cli.build_parser()
+    suite = [cli.resolve(parser.parse_args(["--suite", "gpu"]), {**e, "suite": True}, parser) for e in cli.GPU_SUITE]
+    expected = ("baseline", "ldb", "batch-only") + (("ldb-block",) if block_mode_available() else ())
+    assert [(c.model, c.variants) for c in suite] == [("resnet50", expected), ("vit-b16", expected)]
+
+
+def test_block_variant_is_wired_to_the_callback():
+    if not block_mode_available():
+        pytest.skip("LayerDropBackCallback has no backward= yet (block mode lands with its own issue)")
+    config = BenchConfig(**{**TINY, "variants": ("ldb-block",)})
+    assert [e["steps"] for e in run_variant(config, "ldb-block", log=lambda line: None)["epochs"]] == [3, 3, 2]
+    assert "ldb-block" in VARIANTS

@@ -1,15 +1,14 @@
-"""``ldb-bench``: LayerDropBack's speed-up and accuracy, measured side by side with a plain Lightning baseline.
+"""``ldb-bench``: LayerDropBack side by side with the variants that say why it is faster or slower.
 
-- :mod:`~lightning_ldb.bench.report`: the arithmetic (speed-up, throughput, per-mode epoch statistics,
-  FLOP accounting, targets) and the Markdown, as pure functions of recorded numbers.
-- :mod:`~lightning_ldb.bench.flops`: FLOPs of a full and a DROP training step, with the callback's own draw.
-- :mod:`~lightning_ldb.bench.runner`: the paired runs (baseline, LDB, callback-only; sweeps).
-- :mod:`~lightning_ldb.bench.phases`: forward/backward/optimizer time of full and DROP steps.
-- :mod:`~lightning_ldb.bench.plot`: the figures. :mod:`~lightning_ldb.bench.cli`: the command line.
+- :mod:`~lightning_ldb.bench.workloads`: the model presets (each with its data) and the Stochastic Depth peer.
+- :mod:`~lightning_ldb.bench.data`: offline data (synthetic images, scikit-learn digits, MNIST-1D).
+- :mod:`~lightning_ldb.bench.runner`: the variants and the runs, timed by a CUDA-synchronised epoch clock.
+- :mod:`~lightning_ldb.bench.report`: tables and the plot, drawn from the JSON.
+- :mod:`~lightning_ldb.bench.cli`: the command.
 
-Needs the ``examples`` extra (torchvision, torchmetrics, matplotlib).
+Needs the ``examples`` extra (torchvision, torchmetrics, matplotlib; ``mnist1d`` for that preset).
 """
 
-from lightning_ldb.bench.report import Spread, flop_accounting, speedup, throughput
+from lightning_ldb.bench.report import speedup, summarize
 
-__all__ = ["Spread", "flop_accounting", "speedup", "throughput"]
+__all__ = ["speedup", "summarize"]

@@ -1,37 +1,37 @@
-"""Synthetic CIFAR-shaped data for speed runs: no download, same bytes on every run, yet learnable."""
+"""The benchmark's data, all offline: synthetic images, scikit-learn's digits, MNIST-1D from its generator."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_ldb._checks import check_float, check_int
 from lightning_ldb.datamodule import LDBDataModuleMixin
 from lightning_ldb.sampling import draw_key
 
+#: ``kind`` values of :func:`load_splits`.
+DATA_KINDS = ("synthetic", "digits", "mnist1d")
 
-def make_images(
-    samples: int, num_classes: int, channels: int, image_size: int, signal: float, seed: int, split: int
+
+def synthetic_images(
+    samples: int, num_classes: int, channels: int, image_size: int, seed: int, split: int, signal: float = 0.5
 ) -> TensorDataset:
     """``samples`` images with balanced labels: the class's smooth template times ``signal``, plus unit noise.
 
-    Templates are 4x4 Gaussian patterns upsampled to ``image_size`` (so convolutions can pick them up),
-    the same for every split of one ``seed``; ``split`` only changes the noise and the labels' order.
+    Templates (4x4 Gaussian patterns upsampled to ``image_size``) depend on ``seed`` only; ``split``
+    changes the noise and the labels' order, so train and validation share the classes.
 
     Example::
 
-        >>> data = make_images(20, num_classes=10, channels=3, image_size=8, signal=0.5, seed=0, split=0)
+        >>> data = synthetic_images(20, num_classes=10, channels=3, image_size=8, seed=0, split=0)
         >>> data.tensors[0].shape, torch.bincount(data.tensors[1]).tolist()
         (torch.Size([20, 3, 8, 8]), [2, 2, 2, 2, 2, 2, 2, 2, 2, 2])
     """
     templates_rng = torch.Generator().manual_seed(draw_key(seed, -1))
     coarse = torch.randn(num_classes, channels, 4, 4, generator=templates_rng)
-    templates = torch.nn.functional.interpolate(
-        coarse, size=(image_size, image_size), mode="bilinear", align_corners=False
-    )
+    templates = torch.nn.functional.interpolate(coarse, size=(image_size, image_size), mode="bilinear")
     templates = templates / templates.flatten(1).std(dim=1).view(-1, 1, 1, 1)
     rng = torch.Generator().manual_seed(draw_key(seed, split))
     labels = (torch.arange(samples) % num_classes)[torch.randperm(samples, generator=rng)]
@@ -39,70 +39,77 @@ def make_images(
     return TensorDataset(signal * templates[labels] + noise, labels)
 
 
-class SyntheticImageDataModule(LDBDataModuleMixin, LightningDataModule):
-    """CIFAR-shaped synthetic classification data (3x32x32, 10 classes by default), held in memory.
+def _standardised(train: torch.Tensor, val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean, std = train.mean(), train.std()
+    return (train - mean) / std, (val - mean) / std
 
-    Each class is a fixed smooth pattern under Gaussian noise, so accuracy rises with training and
-    means something, while loading costs next to nothing. The training order of epoch ``e`` depends
-    only on ``(seed, e)``, not on the global RNG: a baseline and an LDB run see the same batches
-    (LDB's DROP epochs in batches ``batch_scale`` times larger, through
-    :class:`~lightning_ldb.LDBDataModuleMixin`).
 
-    Args:
-        train_samples: Training images per epoch.
-        val_samples: Validation images.
-        batch_size: Training (base) and validation batch size.
-        num_classes: Number of classes.
-        channels: Image channels.
-        image_size: Image side in pixels.
-        signal: Amplitude of the class pattern relative to the unit noise (larger: easier).
-        seed: Seed of the images and of the training order.
+def load_splits(
+    kind: str, train_samples: int, val_samples: int, shape: tuple[int, ...], num_classes: int, seed: int
+) -> tuple[TensorDataset, TensorDataset]:
+    """Train and validation sets of ``kind`` (one of :data:`DATA_KINDS`), inputs of ``shape`` per sample.
+
+    ``digits`` (1,797 real 8x8 images) and ``mnist1d`` (real-shaped 1-D signals of length 40, drawn by
+    the ``mnist1d`` package's generator, never its downloader) are cut to at most the requested sizes.
 
     Raises:
-        TypeError: If an argument has the wrong type.
-        ValueError: If a count is below 1 or ``signal`` is negative.
+        ValueError: If ``kind`` is unknown.
+    """
+    if kind == "synthetic":
+        channels, size = shape[0], shape[-1]
+        return (
+            synthetic_images(train_samples, num_classes, channels, size, seed, split=0),
+            synthetic_images(val_samples, num_classes, channels, size, seed, split=1),
+        )
+    if kind == "digits":
+        from sklearn.datasets import load_digits
+
+        images, labels = load_digits(return_X_y=True)
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+        x = torch.as_tensor(images, dtype=torch.float32)[order].view(-1, 1, 8, 8)
+        y = torch.as_tensor(labels)[order]
+        n_val = min(val_samples, len(y) // 5)
+        x_train, x_val = _standardised(x[n_val:][:train_samples], x[:n_val])
+        return TensorDataset(x_train, y[n_val:][:train_samples]), TensorDataset(x_val, y[:n_val])
+    if kind == "mnist1d":
+        try:
+            from mnist1d.data import get_dataset_args, make_dataset
+        except ImportError as error:
+            raise ImportError(f"MNIST-1D data needs the `mnist1d` package: pip install mnist1d ({error})") from error
+
+        args = get_dataset_args()
+        args.num_samples, args.train_split, args.seed = train_samples + val_samples, 0.8, seed
+        # The generator splits 80/20; both parts are then cut to the requested sizes.
+        data = make_dataset(args)
+        x_train = torch.as_tensor(data["x"], dtype=torch.float32)[:train_samples].unsqueeze(1)
+        x_val = torch.as_tensor(data["x_test"], dtype=torch.float32)[:val_samples].unsqueeze(1)
+        x_train, x_val = _standardised(x_train, x_val)
+        y_train = torch.as_tensor(data["y"])[:train_samples]
+        return TensorDataset(x_train, y_train), TensorDataset(x_val, torch.as_tensor(data["y_test"])[:val_samples])
+    raise ValueError(f"`kind` must be one of {list(DATA_KINDS)}, got {kind!r}.")
+
+
+class TensorDataModule(LDBDataModuleMixin, LightningDataModule):
+    """In-memory train/validation sets whose training order of epoch ``e`` depends only on ``(seed, e)``.
+
+    Every run of one invocation thus sees the same batches in the same order (LDB's DROP epochs in
+    batches ``batch_scale`` times larger, through :class:`~lightning_ldb.LDBDataModuleMixin`).
+
+    Args:
+        train_set: Training samples.
+        val_set: Validation samples.
+        batch_size: Base training batch size, and the validation batch size.
+        seed: Seed of the training order.
     """
 
-    def __init__(
-        self,
-        train_samples: int = 1024,
-        val_samples: int = 256,
-        batch_size: int = 64,
-        num_classes: int = 10,
-        channels: int = 3,
-        image_size: int = 32,
-        signal: float = 0.5,
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, train_set: TensorDataset, val_set: TensorDataset, batch_size: int, seed: int) -> None:
         super().__init__()
-        self.train_samples = check_int("train_samples", train_samples, minimum=1)
-        self.val_samples = check_int("val_samples", val_samples, minimum=1)
-        self.batch_size = check_int("batch_size", batch_size, minimum=1)
-        self.num_classes = check_int("num_classes", num_classes, minimum=2)
-        self.channels = check_int("channels", channels, minimum=1)
-        self.image_size = check_int("image_size", image_size, minimum=1)
-        self.signal = check_float("signal", signal, 0.0)
-        self.seed = check_int("seed", seed, minimum=0)
-        self.train_set: Optional[TensorDataset] = None
-        self.val_set: Optional[TensorDataset] = None
-
-    def _images(self, samples: int, split: int) -> TensorDataset:
-        return make_images(samples, self.num_classes, self.channels, self.image_size, self.signal, self.seed, split)
-
-    def setup(self, stage: Optional[str] = None) -> None:
-        if self.train_set is None:
-            self.train_set = self._images(self.train_samples, split=0)
-            self.val_set = self._images(self.val_samples, split=1)
-
-    def example_batch(self, batch_size: int, device: Any = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch of the right shapes (zeros) on ``device``, e.g. ``"meta"`` to count FLOPs."""
-        images = torch.zeros(batch_size, self.channels, self.image_size, self.image_size, device=device)
-        return images, torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.train_set, self.val_set = train_set, val_set
+        self.batch_size, self.seed = batch_size, seed
 
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        epoch = trainer.current_epoch if trainer is not None else 0
-        order = torch.Generator().manual_seed(draw_key(self.seed, epoch, step=-1))
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        order: Optional[torch.Generator] = torch.Generator().manual_seed(draw_key(self.seed, epoch, step=-1))
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=order)
 
     def val_dataloader(self) -> DataLoader:
