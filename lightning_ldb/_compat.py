@@ -92,6 +92,16 @@ def checkpoint_triggers_on_steps(checkpoint: Any) -> bool:
     return bool(steps) or interval is not None
 
 
+# ---------------------------------------------------------------------------------------------- argparse
+def subcommand_choice_actions(parser: Any) -> list[Any]:
+    """The actions that hold each subcommand's one-line help in ``parser`` (argparse has no public accessor)."""
+    import argparse
+
+    actions = _get(parser, "_actions", "`ldb --help` keeps argparse's shortened subcommand help", required=False, default=[])
+    subparsers = [a for a in actions if isinstance(a, getattr(argparse, "_SubParsersAction", ()))]
+    return [choice for action in subparsers for choice in getattr(action, "_choices_actions", [])]
+
+
 # ---------------------------------------------------------------------------------------------- torch.compile
 def is_compiled_lightning_module(pl_module: Any) -> bool:
     """Whether ``pl_module`` was passed to ``fit`` through ``torch.compile``."""

@@ -88,6 +88,11 @@ _RULES: tuple[_Rule, ...] = (
         (("timm.models.vision_transformer", "ResPostBlock"),),
         (("attn", "norm1", "drop_path1"), ("mlp", "norm2", "drop_path2")),
     ),
+    # x = dropout(self_attention(ln_1(input))) + input; y = x + mlp(ln_2(x)).
+    _Rule(
+        (("torchvision.models.vision_transformer", "EncoderBlock"),),
+        (("ln_1", "self_attention", "dropout"), ("ln_2", "mlp")),
+    ),
     # V1: x = x + stochastic_depth(attn(norm1(x))); x = x + stochastic_depth(mlp(norm2(x))).
     _Rule(
         (("torchvision.models.swin_transformer", "SwinTransformerBlock"),),

@@ -30,6 +30,8 @@ from typing import Any, NoReturn, Optional
 
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
+from lightning_ldb import _compat
+
 #: Environment variable that makes ``ldb`` verbose, like its ``--verbose`` flag.
 VERBOSE_ENV = "LDB_VERBOSE"
 VERBOSE_FLAG = "--verbose"
@@ -276,10 +278,8 @@ class LDBCLI(LightningCLI):
     ) -> None:
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
         # Whole sentences in `ldb --help` (argparse keeps a subcommand's help on its choice action).
-        for action in self.parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                for choice in action._choices_actions:
-                    choice.help = SUBCOMMAND_HELP.get(choice.dest, choice.help)
+        for choice in _compat.subcommand_choice_actions(self.parser):
+            choice.help = SUBCOMMAND_HELP.get(choice.dest, choice.help)
 
     def instantiate_classes(self) -> None:
         try:

@@ -10,7 +10,7 @@ import torch
 from torchvision.models import resnet18
 
 from lightning_ldb.bench import cli, report
-from lightning_ldb.bench.runner import VARIANTS, BenchConfig, block_mode_available, run_benchmark, run_variant
+from lightning_ldb.bench.runner import VARIANTS, BenchConfig, run_benchmark, run_variant
 from lightning_ldb.bench.workloads import WORKLOADS, add_stochastic_depth
 
 TINY = {"model": "digits_cnn", "epochs": 3, "train_samples": 48, "val_samples": 16, "batch_size": 16, "repeats": 1}
@@ -156,17 +156,16 @@ def test_quick_preset_and_explicit_flags():
     assert (quick.model, quick.epochs, quick.repeats, quick.threads) == ("digits_cnn", 4, 2, 1)
     assert quick.batch_size == WORKLOADS["digits_cnn"].batch_size
     assert {"baseline", "ldb", "batch-only", "drop-only"} <= set(quick.variants)
-    assert ("ldb-block" in quick.variants) == block_mode_available()
-    assert "stochastic-depth" not in quick.variants  # not a ResNet
+    assert "ldb-block" not in quick.variants and "stochastic-depth" not in quick.variants  # no residual branches
     assert cli.resolve(parser.parse_args(["--quick", "--epochs", "6"]), cli.QUICK, parser).epochs == 6
     resnet = cli.resolve(parser.parse_args([]), {}, parser)
-    assert resnet.model == "resnet18" and "stochastic-depth" in resnet.variants
+    assert resnet.model == "resnet18" and {"stochastic-depth", "ldb-block"} <= set(resnet.variants)
 
 
 # ---------------------------------------------------------------------------------------------- end to end
 def test_every_variant_trains_with_its_schedule_and_the_report_is_written(tmp_path, capsys):
     argv = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
-    variants = "baseline,ldb,batch-only,drop-only" + (",ldb-block" if block_mode_available() else "")
+    variants = "baseline,ldb,batch-only,drop-only"
     assert cli.main([*argv, "--variants", variants, "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "report.json").read_text())
     runs = {run["variant"]: run["epochs"] for run in result["runs"]}
@@ -206,13 +205,18 @@ def test_gpu_suite_runs_reduced_on_cpu(tmp_path):
         assert result["config"]["model"] == model and result["config"]["image_size"] == 16
     parser = cli.build_parser()
     suite = [cli.resolve(parser.parse_args(["--suite", "gpu"]), {**e, "suite": True}, parser) for e in cli.GPU_SUITE]
-    expected = ("baseline", "ldb", "batch-only") + (("ldb-block",) if block_mode_available() else ())
+    expected = ("baseline", "ldb", "batch-only", "ldb-block")
     assert [(c.model, c.variants) for c in suite] == [("resnet50", expected), ("vit-b16", expected)]
 
 
-def test_block_variant_is_wired_to_the_callback():
-    if not block_mode_available():
-        pytest.skip("LayerDropBackCallback has no backward= yet (block mode lands with its own issue)")
-    config = BenchConfig(**{**TINY, "variants": ("ldb-block",)})
-    assert [e["steps"] for e in run_variant(config, "ldb-block", log=lambda line: None)["epochs"]] == [3, 3, 2]
+def test_block_variant_trains_a_resnet_in_block_mode():
+    config = BenchConfig(model="resnet18", image_size=8, epochs=3, train_samples=8, val_samples=8, batch_size=2)
+    epochs = run_variant(config, "ldb-block", log=lambda line: None)["epochs"]
+    assert [e["mode"] for e in epochs] == ["full", "full", "drop"] and [e["steps"] for e in epochs] == [4, 4, 2]
     assert "ldb-block" in VARIANTS
+
+
+def test_block_variant_is_refused_for_a_model_without_residual_branches(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--quick", "--variants", "ldb-block"])
+    assert "ldb-block needs residual branches, which --model digits_cnn has not" in capsys.readouterr().err

@@ -28,7 +28,6 @@ from lightning_ldb.bench.runner import (
     PAPER_LDB,
     VARIANTS,
     BenchConfig,
-    block_mode_available,
     run_benchmark,
     variant_names,
 )
@@ -110,7 +109,7 @@ _OPTIONS: tuple[tuple[str, str, Optional[Callable[[str], Any]], str], ...] = (
      " to the first (Huang et al.)"),
     (_MEASURE, "--variants", _variants, "comma-separated, from: "
      + "; ".join(f"{name}: {what}" for name, (_, what) in VARIANTS.items())
-     + " (default: all that apply: ldb-block if the callback has block mode, stochastic-depth on ResNets)"),
+     + " (default: all that apply: ldb-block on residual models, stochastic-depth on ResNets)"),
     (_MEASURE, "--repeats", _number(int, 1), "repetitions, the run order alternating"),
     (_MEASURE, "--skip-epochs", _number(int, 0), "warm-up epochs left out of the DROP / full epoch ratio"),
 )  # fmt: skip
@@ -175,12 +174,10 @@ def resolve(args: argparse.Namespace, preset: dict[str, Any], parser: argparse.A
     if variants is None:
         variants = tuple(
             name for name in VARIANTS
-            if (name != "ldb-block" or block_mode_available()) and (name != "stochastic-depth" or workload.residual)
+            if (name != "ldb-block" or workload.branches) and (name != "stochastic-depth" or workload.residual)
         )  # fmt: skip
-    elif "ldb-block" in variants and not block_mode_available():
-        if args.variants is not None:
-            parser.error("argument --variants: ldb-block needs LayerDropBackCallback(backward=...), absent here")
-        variants = tuple(v for v in variants if v != "ldb-block")
+    if "ldb-block" in variants and not workload.branches:
+        parser.error(f"argument --variants: ldb-block needs residual branches, which --model {model} has not")
     if "stochastic-depth" in variants and not workload.residual:
         parser.error(f"argument --variants: stochastic-depth needs a ResNet, got --model {model}")
     config = BenchConfig(

@@ -9,7 +9,6 @@ then ``C B A``), so slow drift of the machine's speed favours no variant.
 from __future__ import annotations
 
 import gc
-import inspect
 import os
 import platform
 import time
@@ -48,11 +47,6 @@ VARIANTS: dict[str, tuple[Optional[dict[str, Any]], str]] = {
     "ldb-block": ({"backward": "block"}, "LDB with block-mode backward"),
     "stochastic-depth": (None, "Stochastic Depth on the residual blocks (the paper's Table 5 peer), no LDB"),
 }
-
-
-def block_mode_available() -> bool:
-    """Whether this version's :class:`~lightning_ldb.LayerDropBackCallback` takes ``backward="block"``."""
-    return "backward" in inspect.signature(LayerDropBackCallback).parameters
 
 
 @dataclass
@@ -170,7 +164,7 @@ def run_variant(config: BenchConfig, variant: str, log: Callable[[str], None] = 
         enable_model_summary=False,
         enable_progress_bar=False,
         num_sanity_val_steps=0,
-        # LDB's batch scaling rebuilds the train loader every epoch; every variant does the same work.
+        # Every variant rebuilds its train loader every epoch, so all do the same loading work.
         reload_dataloaders_every_n_epochs=1,
     )
     trainer.fit(module, datamodule=datamodule)

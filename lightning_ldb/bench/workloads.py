@@ -60,7 +60,8 @@ class Workload:
         train_samples: Default training samples per epoch.
         batch_size: Default base batch size.
         lr: Default base SGD learning rate.
-        residual: Whether it has torchvision residual blocks (Stochastic Depth applies).
+        residual: Whether it has torchvision ResNet blocks (Stochastic Depth applies).
+        branches: Whether block mode recognises its residual branches (``ldb-block`` applies).
         about: One line for ``--help``.
     """
 
@@ -71,22 +72,31 @@ class Workload:
     batch_size: int = 64
     lr: float = 0.1
     residual: bool = False
+    branches: bool = False
     about: str = ""
 
 
 WORKLOADS: dict[str, Workload] = {
     "resnet18": Workload(
-        _paper_model("resnet18"), "synthetic", (3, 32, 32), residual=True, about="CIFAR stem, synthetic 3x32x32"
+        _paper_model("resnet18"), "synthetic", (3, 32, 32), residual=True, branches=True,
+        about="CIFAR stem, synthetic 3x32x32",
     ),
     "resnet18-imagenet-stem": Workload(
-        _resnet18_imagenet_stem, "synthetic", (3, 32, 32), residual=True, about="torchvision's stem on 3x32x32"
+        _resnet18_imagenet_stem, "synthetic", (3, 32, 32), residual=True, branches=True,
+        about="torchvision's stem on 3x32x32",
     ),
-    "vit-small": Workload(_vit(4, 6, 3, 192, 384), "synthetic", (3, 32, 32), lr=0.01, about="6 layers, width 192"),
+    "vit-small": Workload(
+        _vit(4, 6, 3, 192, 384), "synthetic", (3, 32, 32), lr=0.01, branches=True, about="6 layers, width 192"
+    ),
     "digits_cnn": Workload(_paper_model("digits_cnn"), "digits", (1, 8, 8), 1437, 32, 0.05, about="real 8x8 digits"),
     "mnist1d-cnn": Workload(_mnist1d_cnn, "mnist1d", (1, 40), 4000, 64, 0.05, about="1-D CNN, generated MNIST-1D"),
     # The GPU suite's two: ResNet-50 from scratch on CIFAR shapes, ViT-B/16 at its fine-tuning shape.
-    "resnet50": Workload(_paper_model("resnet50"), "synthetic", (3, 32, 32), 8192, 128, 0.1, True, "CIFAR stem"),
-    "vit-b16": Workload(_vit(16, 12, 12, 768, 3072), "synthetic", (3, 224, 224), 2048, 64, 0.01, about="224x224"),
+    "resnet50": Workload(
+        _paper_model("resnet50"), "synthetic", (3, 32, 32), 8192, 128, 0.1, True, True, "CIFAR stem"
+    ),
+    "vit-b16": Workload(
+        _vit(16, 12, 12, 768, 3072), "synthetic", (3, 224, 224), 2048, 64, 0.01, branches=True, about="224x224"
+    ),
 }
 
 
