@@ -329,7 +329,6 @@ class LDBRun:
         kept = self._always_trained(candidates)
         droppable = [p for layer in candidates for p in layer.parameters if id(p) not in kept]
         self._dropped_parameters = [p for layer in dropped for p in layer.parameters if id(p) not in kept]
-        self.detacher.restore()
         self.freezer.freeze(self._dropped_parameters)
         if self.settings.backward == "block":
             self.detacher.detach(dropped)
