@@ -220,7 +220,7 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_core_and_mechanisms_import_neither_lightning_nor_the_layers_above():
     package = Path(lightning_ldb.__file__).parent
-    core_and_mechanisms = ["schedule", "layers", "sampling", "_checks", "undo", "freezing", "lr_scaling"]
+    core_and_mechanisms = ["schedule", "layers", "branches", "sampling", "_checks", "undo", "freezing", "lr_scaling", "detaching"]
     above = {"lightning", "lightning_ldb.run", "lightning_ldb.callback", "lightning_ldb.ddp", "lightning_ldb.datamodule"}
     for module in core_and_mechanisms:
         tree = ast.parse((package / f"{module}.py").read_text())
