@@ -88,6 +88,9 @@ WORKLOADS: dict[str, Workload] = {
     "vit-small": Workload(
         _vit(4, 6, 3, 192, 384), "synthetic", (3, 32, 32), lr=0.01, branches=True, about="6 layers, width 192"
     ),
+    "resnet18-digits": Workload(
+        _paper_model("resnet18"), "digits", (1, 8, 8), 1437, 32, 0.05, True, True, "ResNet-18 on the real 8x8 digits"
+    ),
     "digits_cnn": Workload(_paper_model("digits_cnn"), "digits", (1, 8, 8), 1437, 32, 0.05, about="real 8x8 digits"),
     "mnist1d-cnn": Workload(_mnist1d_cnn, "mnist1d", (1, 40), 4000, 64, 0.05, about="1-D CNN, generated MNIST-1D"),
     # The GPU suite's two: ResNet-50 from scratch on CIFAR shapes, ViT-B/16 at its fine-tuning shape.
