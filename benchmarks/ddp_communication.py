@@ -12,7 +12,7 @@ Each configuration trains the same MLP for 3 epochs (0 and 1 FULL, 2 DROP with `
 * ``LDB epoch, rewrap``: ``resample="epoch"`` with LDB's default under DDP (a fresh DDP wrapper
   when the DROP epoch starts and ends);
 * ``LDB epoch, find_unused``: the same draws with only ``find_unused_parameters=True`` (what LDB did
-  before; forced with ``LDB_DDP_COMMUNICATION=find_unused``);
+  before; forced with ``communication="find_unused"``);
 * ``LDB step, hook``: ``resample="step"`` with LDB's default (``find_unused_parameters=True`` and a
   communication hook that all-reduces only the trainable gradients);
 * ``LDB step, find_unused``: ``resample="step"`` without the hook.
@@ -31,7 +31,7 @@ import json
 import os
 import statistics
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning
 import torch
@@ -42,7 +42,6 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ldb import LayerDropBackCallback
-from lightning_ldb.ddp import COMMUNICATION_ENV
 
 #: (label, resample or None for no LDB, communication method forced through the environment)
 CONFIGURATIONS: list[tuple[str, Optional[str], str]] = [
@@ -186,7 +185,6 @@ class BoundaryClock(Callback):
 
 
 def run_configuration(args: argparse.Namespace, label: str, resample: Optional[str], method: str) -> dict[str, Any]:
-    os.environ[COMMUNICATION_ENV] = method  # read by LDB in setup, on every rank (each runs this same code)
     seed_everything(0)
     model = DeepMLP(args.width, args.depth, samples=args.batch_size * args.steps * 2, batch_size=args.batch_size)
     profiled = tuple(range(args.warmup, args.warmup + args.profiled))
@@ -194,7 +192,10 @@ def run_configuration(args: argparse.Namespace, label: str, resample: Optional[s
     shared: dict[str, Any] = {}
     callbacks: list[Callback] = [BoundaryClock(True, shared, profiled_epoch=2)]
     if resample is not None:
-        callbacks.append(LayerDropBackCallback(drop_rate=args.drop_rate, every=2, batch_scale=1, resample=resample, seed=0))
+        ldb = LayerDropBackCallback(
+            drop_rate=args.drop_rate, every=2, batch_scale=1, resample=resample, seed=0, communication=method
+        )
+        callbacks.append(ldb)
     callbacks += [BoundaryClock(False, shared, profiled_epoch=2), meter]
     trainer = Trainer(
         accelerator="cpu",
@@ -264,13 +265,21 @@ def print_report(results: list[dict[str, Any]], args: argparse.Namespace, param_
         print(f"  {result['label']:<24} DROP start moved: {moved}; DROP end took {1000 * seconds:.1f} ms")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run_benchmark(
+    description: str,
+    configurations: list[tuple[str, Optional[str], str]],
+    run: Callable[[argparse.Namespace, str, Optional[str], str], dict[str, Any]],
+    report: Callable[[list[dict[str, Any]], argparse.Namespace, int], None],
+    steps: int,
+    profiled: int,
+) -> None:
+    """The command line both communication benchmarks share: parse, run each configuration, report on rank 0."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--depth", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per epoch and rank")
-    parser.add_argument("--profiled", type=int, default=4, help="steps per epoch whose collectives are counted")
+    parser.add_argument("--steps", type=int, default=steps, help="optimizer steps per epoch and rank")
+    parser.add_argument("--profiled", type=int, default=profiled, help="steps per epoch whose collectives are counted")
     parser.add_argument("--warmup", type=int, default=2, help="steps of each epoch left out of the timings")
     parser.add_argument("--drop-rate", type=float, default=0.3)
     parser.add_argument("--only", nargs="*", help="labels of the configurations to run (default: all)")
@@ -278,17 +287,17 @@ def main() -> None:
     args = parser.parse_args()
     args.load_before = os.getloadavg()[0]
     torch.set_num_threads(1)  # one core per rank: the two ranks share the machine's two cores
-    results = [
-        run_configuration(args, label, resample, method)
-        for label, resample, method in CONFIGURATIONS
-        if not args.only or label in args.only
-    ]
+    results = [run(args, *configuration) for configuration in configurations if not args.only or configuration[0] in args.only]
     if results and results[0]["rank"] == 0:
         param_bytes = 4 * sum(p.numel() for p in DeepMLP(args.width, args.depth, 1, 1).parameters())
-        print_report(results, args, param_bytes)
+        report(results, args, param_bytes)
         if args.json:
             with open(args.json, "w") as handle:
                 json.dump({"args": vars(args), "results": results}, handle, indent=1)
+
+
+def main() -> None:
+    run_benchmark(__doc__, CONFIGURATIONS, run_configuration, print_report, steps=30, profiled=4)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ noisy on a shared 2-core machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -49,7 +48,7 @@ from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling DDP benchmark's model and byte counter
 
-from ddp_communication import CommunicationMeter, DeepMLP  # noqa: E402
+from ddp_communication import CommunicationMeter, DeepMLP, run_benchmark  # noqa: E402
 
 from lightning_ldb import LayerDropBackCallback  # noqa: E402
 
@@ -205,31 +204,8 @@ def print_report(results: list[dict[str, Any]], args: argparse.Namespace, param_
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--depth", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per epoch and rank")
-    parser.add_argument("--profiled", type=int, default=2, help="steps per epoch whose collectives are counted")
-    parser.add_argument("--warmup", type=int, default=2, help="steps of each epoch left out of the timings")
-    parser.add_argument("--drop-rate", type=float, default=0.3)
-    parser.add_argument("--only", nargs="*", help="labels of the configurations to run (default: all)")
-    parser.add_argument("--json", help="also write the results to this file")
-    args = parser.parse_args()
-    args.load_before = os.getloadavg()[0]
-    torch.set_num_threads(1)  # one core per rank: the two ranks share the machine's two cores
     count_reduce_scatters()
-    results = [
-        run_configuration(args, label, resample, grouping)
-        for label, resample, grouping in CONFIGURATIONS
-        if not args.only or label in args.only
-    ]
-    if results and results[0]["rank"] == 0:
-        param_bytes = 4 * sum(p.numel() for p in DeepMLP(args.width, args.depth, 1, 1).parameters())
-        print_report(results, args, param_bytes)
-        if args.json:
-            with open(args.json, "w") as handle:
-                json.dump({"args": vars(args), "results": results}, handle, indent=1)
+    run_benchmark(__doc__, CONFIGURATIONS, run_configuration, print_report, steps=8, profiled=2)
 
 
 if __name__ == "__main__":
