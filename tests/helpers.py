@@ -175,3 +175,33 @@ def printed_recipe_config(monkeypatch: Any, capsys: Any, config_path: str, recip
         main(args=["fit", "--config", str(root / config_path), "--print_config"])
     assert exited.value.code in (0, None)
     return yaml.safe_load(capsys.readouterr().out)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (each run gets its own, against EADDRINUSE)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_two_process_script(script: Path, *args: str, timeout: float, env: Optional[dict[str, str]] = None) -> None:
+    """Run ``script`` (which Lightning re-launches as rank 1) on a free port; fail on error or timeout."""
+    import os
+    import signal
+    import subprocess
+
+    import pytest
+
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONUNBUFFERED": "1", **(env or {})}
+    command = [sys.executable, str(script), *args]
+    # Rank 1 is a child of rank 0: a session of their own lets a timeout kill both.
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"{command} did not finish in {timeout} s:\n{output.decode(errors='replace')[-4000:]}")
+    assert process.returncode == 0, output.decode(errors="replace")[-4000:]

@@ -10,10 +10,6 @@ a hang fails instead of blocking the suite.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch.multiprocessing import ProcessRaisedException
-from helpers import TinyMLP, make_trainer, printed_recipe_config
+from helpers import TinyMLP, free_port, make_trainer, printed_recipe_config, run_two_process_script
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
@@ -40,13 +36,6 @@ import ddp_run  # noqa: E402
 
 #: Bound of one 2-process run; the machine has 2 cores that other test runs may share.
 RUN_TIMEOUT = 240
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (each run gets its own, against EADDRINUSE)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def load_ranks(out_dir: Path) -> list[dict[str, Any]]:
@@ -167,18 +156,7 @@ def test_ranks_that_disagree_on_the_draw_fail_loudly_naming_the_epoch(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- strategy="ddp"
 def run_script(out_dir: Path, *args: str) -> None:
-    """Run ``ddp_run.py`` (which Lightning re-launches as rank 1) on a free port; fail on error or timeout."""
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, str(SCRIPTS / "ddp_run.py"), "--out", str(out_dir), *args]
-    # Rank 1 is a child of rank 0: a session of their own lets a timeout kill both.
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=RUN_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"{command} did not finish in {RUN_TIMEOUT} s:\n{output.decode(errors='replace')[-4000:]}")
-    assert process.returncode == 0, output.decode(errors="replace")[-4000:]
+    run_two_process_script(SCRIPTS / "ddp_run.py", "--out", str(out_dir), *args, timeout=RUN_TIMEOUT)
 
 
 @pytest.mark.timeout(RUN_TIMEOUT + 30)

@@ -8,10 +8,6 @@ pair up the wrong collectives) fails instead of blocking the suite.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import TinyMLP, printed_recipe_config
+from helpers import TinyMLP, printed_recipe_config, run_two_process_script
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, XLAStrategy
 
 from lightning_ldb.fsdp import FSDP2Adapter, tensor_parallel_size
@@ -40,33 +36,12 @@ Records = dict[str, list[dict[str, Any]]]
 TRAINED = ("epoch", "resumed", "step")
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory: pytest.TempPathFactory) -> Records:
     out_dir = tmp_path_factory.mktemp("fsdp")
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "PYTHONUNBUFFERED": "1",
-        "OMP_NUM_THREADS": "1",
-    }
-    command = [sys.executable, str(SCRIPTS / "fsdp_run.py"), "--out", str(out_dir)]
-    # Rank 1 is a child of rank 0: a session of their own lets a timeout kill both.
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=RUN_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"{command} did not finish in {RUN_TIMEOUT} s:\n{output.decode(errors='replace')[-4000:]}")
-    assert process.returncode == 0, output.decode(errors="replace")[-4000:]
+    run_two_process_script(
+        SCRIPTS / "fsdp_run.py", "--out", str(out_dir), timeout=RUN_TIMEOUT, env={"OMP_NUM_THREADS": "1"}
+    )
     records: Records = {}
     for fit in fsdp_run.FITS:
         ranks = [torch.load(out_dir / f"{fit}_rank{rank}.pt", weights_only=False) for rank in range(2)]
