@@ -49,6 +49,11 @@ def _mnist1d_cnn(num_classes: int, shape: tuple[int, ...]) -> nn.Module:
     )  # fmt: skip
 
 
+def _resnet18_mnist1d(num_classes: int, shape: tuple[int, ...]) -> nn.Module:
+    # MNIST-1D's 40 samples as a 40x1 image, so that torchvision's residual blocks (block mode, Stochastic Depth) apply.
+    return nn.Sequential(nn.Unflatten(-1, (shape[-1], 1)), build_model("resnet18", num_classes, shape[0]))
+
+
 @dataclass(frozen=True)
 class Workload:
     """A model preset: its network, data and training defaults.
@@ -93,6 +98,9 @@ WORKLOADS: dict[str, Workload] = {
     ),
     "digits_cnn": Workload(_paper_model("digits_cnn"), "digits", (1, 8, 8), 1437, 32, 0.05, about="real 8x8 digits"),
     "mnist1d-cnn": Workload(_mnist1d_cnn, "mnist1d", (1, 40), 4000, 64, 0.05, about="1-D CNN, generated MNIST-1D"),
+    "resnet18-mnist1d": Workload(
+        _resnet18_mnist1d, "mnist1d", (1, 40), 4000, 64, 0.05, True, True, "ResNet-18 on MNIST-1D as 40x1 images"
+    ),
     # The GPU suite's two: ResNet-50 from scratch on CIFAR shapes, ViT-B/16 at its fine-tuning shape.
     "resnet50": Workload(
         _paper_model("resnet50"), "synthetic", (3, 32, 32), 8192, 128, 0.1, True, True, "CIFAR stem"
