@@ -149,7 +149,8 @@ def _prod(shape: list[int]) -> int:
 
 
 class BoundaryClock(Callback):
-    """Times (and for one boundary, profiles) the LDB hooks at epoch start and end: where the re-wrap happens.
+    """Times (and for one boundary, profiles) the LDB hooks where the re-wrap happens: at an epoch's first batch
+    (LDB applies the epoch's draw there) and at its end.
 
     Two instances bracket the LDB callback: ``first=True`` before it, ``first=False`` after it.
     """
@@ -177,8 +178,9 @@ class BoundaryClock(Callback):
         else:
             entry["seconds"] = elapsed
 
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._mark(trainer, "start")
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 0:
+            self._mark(trainer, "start")
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._mark(trainer, "end")

@@ -61,6 +61,7 @@ class TrainLoaderReloader:
         self._schedule = schedule
         self._user_reload = trainer.reload_dataloaders_every_n_epochs
         self._forced = False
+        # Recorded as it is now (the value is unchanged here): ``_prepare`` changes it per epoch, the undo puts it back.
         undo.set_attribute(trainer, "limit_train_batches", trainer.limit_train_batches)
         undo.on_undo(lambda: self.on_loader_built(trainer))
 
