@@ -1,24 +1,23 @@
-"""lightning-ldb: LayerDropBack (LDB) for PyTorch Lightning."""
+"""lightning-ldb: LayerDropBack (LDB) for PyTorch: the engine, its Lightning callback, and the DataModule mixin.
 
-from lightning_ldb.branches import Branch, discover_branches
+The public API is what this module exports; everything else is internal and may change.
+"""
+
+from lightning_ldb._compat import CompatibilityError
+from lightning_ldb.branches import branch_from_names, discover_branches
 from lightning_ldb.callback import LayerDropBackCallback
 from lightning_ldb.datamodule import LDBDataModuleMixin
-from lightning_ldb.layers import Layer, discover_layers, select_candidates
-from lightning_ldb.sampling import draw_dropped
-from lightning_ldb.schedule import is_drop_epoch
+from lightning_ldb.engine import LayerDropBack
 from lightning_ldb.steps import estimated_stepping_batches
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Branch",
+    "CompatibilityError",
     "LDBDataModuleMixin",
-    "Layer",
+    "LayerDropBack",
     "LayerDropBackCallback",
-    "discover_branches",
-    "discover_layers",
-    "draw_dropped",
+    "branch_from_names",
+    "discover_branches",  # kept for lightning_ldb.bench; to be removed
     "estimated_stepping_batches",
-    "is_drop_epoch",
-    "select_candidates",
 ]

@@ -6,18 +6,29 @@ feature off in silence. Required ones raise :class:`CompatibilityError` naming w
 optional ones (an optimisation, a warning) warn once and carry on.
 
 Checked on lightning 2.5.0 to 2.6.6 and torch 2.13 to 2.14.
+
+It imports torch only (the accessors take the objects as they are), so that the engine, which must run without
+Lightning, can use the ones it needs.
 """
 
 from __future__ import annotations
 
+import warnings
+from importlib import metadata
 from typing import Any, Optional
 
-import lightning
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+import torch.distributed as dist
 
-_VERSIONS = f"lightning {lightning.__version__}, torch {torch.__version__}"
 _warned: set[str] = set()
+
+
+def _versions() -> str:
+    try:
+        lightning = metadata.version("lightning")
+    except metadata.PackageNotFoundError:
+        lightning = "not installed"
+    return f"lightning {lightning}, torch {torch.__version__}"
 
 
 class CompatibilityError(RuntimeError):
@@ -26,14 +37,15 @@ class CompatibilityError(RuntimeError):
 
 def _missing(owner: Any, name: str, consequence: str, required: bool) -> None:
     message = (
-        f"lightning-ldb: {type(owner).__name__}.{name} is missing in {_VERSIONS}, so {consequence}. lightning-ldb was"
+        f"lightning-ldb: {type(owner).__name__}.{name} is missing in {_versions()}, so {consequence}. lightning-ldb was"
         " checked on lightning 2.5.0-2.6.6 and torch 2.13-2.14: install one of those, or report this."
     )
     if required:
         raise CompatibilityError(message)
     if message not in _warned:
         _warned.add(message)
-        rank_zero_warn(message)
+        if not dist.is_initialized() or dist.get_rank() == 0:  # once, not once per rank
+            warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def _get(owner: Any, name: str, consequence: str, required: bool = True, default: Any = None) -> Any:
@@ -74,6 +86,35 @@ def remove_ddp_autograd_hooks(wrapper: Any) -> None:
     )
     if callable(remove):
         remove()
+
+
+def ddp_wrapper_has_comm_hook(wrapper: Any) -> bool:
+    """Whether a communication hook is registered on a ``DistributedDataParallel`` (DDP accepts one per wrapper)."""
+    hooks = _get(wrapper, "_comm_hooks", "LDB cannot tell whether your DDP wrapper has a communication hook")
+    return bool(hooks)
+
+
+def is_fabric_module(obj: Any) -> bool:
+    """Whether ``obj`` is the wrapper ``Fabric.setup`` returns (``_FabricModule``, private; Lightning is not imported)."""
+    return any(cls.__name__ == "_FabricModule" and cls.__module__.startswith("lightning") for cls in type(obj).__mro__)
+
+
+def replace_fabric_forward_module(fabric_module: Any, old: Any, new: Any) -> None:
+    """Make Fabric's module wrapper call ``new`` (a rebuilt DDP wrapper) where it called ``old``."""
+    # ``_FabricModule`` calls ``self._forward_module``; ``__setattr__`` of the name re-registers the submodule.
+    if fabric_module is old:
+        raise ValueError(
+            "LayerDropBack(fabric=...) needs the model as `fabric.setup` returned it, to rebuild its"
+            " DistributedDataParallel wrapper; it got the DistributedDataParallel itself."
+        )
+    current = _get(fabric_module, "_forward_module", "LDB cannot rebuild the DDP wrapper Fabric made")
+    if current is not old:
+        raise CompatibilityError(
+            f"lightning-ldb: {type(fabric_module).__name__}._forward_module is not the DDP wrapper in"
+            f" {_versions()}, so LDB cannot rebuild the wrapper Fabric made. Pass"
+            " Fabric(strategy=DDPStrategy(find_unused_parameters=True)) instead, or report this."
+        )
+    fabric_module._forward_module = new
 
 
 # ---------------------------------------------------------------------------------------------- loops and data

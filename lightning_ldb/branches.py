@@ -131,9 +131,6 @@ _RULES: tuple[_Rule, ...] = (
     ),
 )
 
-#: The block classes the built-in rules recognise, for messages and the docs.
-RECOGNISED_BLOCKS: tuple[str, ...] = tuple(name for rule in _RULES for _, name in rule.classes)
-
 #: What ``branches=`` accepts.
 BranchesSpec = Union[None, Mapping[str, Sequence[str]], Callable[[nn.Module], Iterable[Branch]]]
 
@@ -284,7 +281,7 @@ def discover_branches(model: nn.Module, branches: BranchesSpec = None) -> list[B
 
     Args:
         model: The module to inspect.
-        branches: ``None``: the built-in rules (:data:`RECOGNISED_BLOCKS`: torchvision ResNet BasicBlock
+        branches: ``None``: the built-in rules (torchvision ResNet BasicBlock
             and Bottleneck, timm ViT ``Block``/``ResPostBlock``, torchvision Swin V1/V2 blocks, Hugging
             Face GPT-2, BERT/RoBERTa and Llama-style decoder layers). A mapping
             ``{entry pattern: [module, ...]}``: for every module whose qualified name matches the

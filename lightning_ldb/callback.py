@@ -1,24 +1,36 @@
-"""``LayerDropBackCallback``: LDB's configuration and checkpoint state, and the Lightning hooks that drive one
-:class:`~lightning_ldb.run.LDBRun` per fit."""
+"""``LayerDropBackCallback``: LDB under Lightning's Trainer, as a thin adapter over :class:`~lightning_ldb.LayerDropBack`.
+
+The engine does everything LDB does to the model and its optimizers. The callback holds the configuration and the
+checkpoint state, and per fit (``setup`` to ``teardown``, or the exception) one :class:`_Fit`: the engine, the strategy
+adapter (:mod:`lightning_ldb.strategies`), the train-loader reload (:mod:`lightning_ldb.datamodule`), the epoch timer
+and an undo list of every change made to the trainer, the strategy or the data source. Nothing of one fit leaks
+into the next or into the user's objects.
+
+Which hook does what: ``setup`` creates the fit (the adapter configures the strategy before it wraps the model);
+``on_fit_start`` lists the units again (``configure_model`` has run); ``on_train_start`` hooks the optimizers;
+``on_train_epoch_start`` enters the epoch; ``on_train_batch_start`` draws (after every callback's epoch start, so a
+layer another callback froze there is not a candidate); ``on_train_epoch_end`` logs ``ldb/*`` and releases.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_ldb._checks import check_choice, check_float, check_int, check_patterns
+from lightning_ldb import _compat, composition
+from lightning_ldb._checks import check_choice
+from lightning_ldb.datamodule import LDBDataModuleMixin, TrainLoaderReloader, attach_batch_schedule
 from lightning_ldb.ddp import COMMUNICATION_METHODS
-from lightning_ldb.layers import GRANULARITIES
-from lightning_ldb.run import LDBRun, RunSettings
-from lightning_ldb.schedule import FULL, BatchSchedule, is_drop_epoch
-
-RESAMPLE_MODES = ("epoch", "step")
-#: What a dropped layer skips in the backward pass.
-BACKWARD_MODES = ("weights", "block")
+from lightning_ldb.engine import LayerDropBack, Settings
+from lightning_ldb.schedule import DROP, FULL, BatchSchedule
+from lightning_ldb.strategies import StrategyAdapter, StrategySync, adapter_for
+from lightning_ldb.timing import EpochTimer
+from lightning_ldb.undo import UndoList
 
 #: The arguments that decide what a run drops; a checkpoint made with other values warns on resume.
 _CONFIG_KEYS = (
@@ -38,6 +50,28 @@ _CONFIG_KEYS = (
 )
 
 
+@dataclass
+class _Fit:
+    """What one fit holds, from ``setup`` to ``teardown``."""
+
+    engine: LayerDropBack
+    adapter: StrategyAdapter
+    undo: UndoList
+    timer: EpochTimer = field(default_factory=EpochTimer)
+    reloader: Optional[TrainLoaderReloader] = None
+
+    @property
+    def batch_scaling_active(self) -> bool:
+        return self.reloader is not None
+
+    def close(self) -> None:
+        """Restore every flag and learning rate, let go of wrappers, undo the list. Local only (no collective)."""
+        try:
+            self.engine.close()
+        finally:
+            self.undo.close()
+
+
 class LayerDropBackCallback(Callback):
     r"""Train with LayerDropBack (LDB): full-backward epochs alternate with DROP epochs.
 
@@ -48,6 +82,10 @@ class LayerDropBackCallback(Callback):
     DROP epochs (applied inside ``optimizer.step()``, so schedulers, ``LearningRateMonitor`` and
     checkpoints see the unscaled schedule), and a DataModule using
     :class:`~lightning_ldb.LDBDataModuleMixin` serves batches ``batch_scale`` times larger.
+
+    The callback is the Trainer's adapter over :class:`~lightning_ldb.LayerDropBack`, which does the dropping: it
+    creates one engine per fit and drives it from the Trainer's hooks, and it wires what only the Trainer has (the
+    strategy, the train loader, the step count, the logged metrics).
 
     Args:
         drop_rate: Probability ``p`` that a candidate layer is dropped on a DROP epoch, in ``[0, 1)``.
@@ -112,31 +150,19 @@ class LayerDropBackCallback(Callback):
         branches: Any = None,
     ) -> None:
         super().__init__()
-        self.drop_rate = check_float("drop_rate", drop_rate, 0.0, 1.0)
-        self.every = check_int("every", every, minimum=1)
-        self.lr_scale = check_float("lr_scale", lr_scale, 0.0, low_inclusive=False)
-        self.batch_scale = check_int("batch_scale", batch_scale, minimum=1)
-        self.keep_first = check_int("keep_first", keep_first, minimum=0)
-        self.keep_last = check_int("keep_last", keep_last, minimum=0)
-        self.resample = check_choice("resample", resample, RESAMPLE_MODES)
-        self.granularity = check_choice("granularity", granularity, GRANULARITIES)
-        if seed is not None:
-            check_int("seed", seed, minimum=0)
-        self.include = check_patterns("include", include)
-        self.exclude = check_patterns("exclude", exclude)
+        # The engine's checks, once here so that a bad argument fails where it is written.
+        s = Settings(
+            drop_rate, every, lr_scale, batch_scale, keep_first, keep_last, resample, seed, granularity, include,
+            exclude, backward, branches,
+        )  # fmt: skip
+        self.drop_rate, self.every, self.lr_scale, self.batch_scale = s.drop_rate, s.every, s.lr_scale, s.batch_scale
+        self.keep_first, self.keep_last, self.resample = s.keep_first, s.keep_last, s.resample
+        self.granularity, self.include, self.exclude = s.granularity, s.include, s.exclude
+        self.backward, self.branches = s.backward, s.branches
         self.seed_argument: Optional[int] = seed
         self.communication = check_choice("communication", communication, COMMUNICATION_METHODS)
-        self.backward = check_choice("backward", backward, BACKWARD_MODES)
-        if branches is not None and not (isinstance(branches, Mapping) or callable(branches)):
-            raise TypeError(
-                "`branches` must be None (the built-in rules), a mapping {entry pattern: [member names]} (e.g."
-                f" {{'blocks.*.norm1': ['attn']}}) or a callable model -> branches, got {branches!r}."
-            )
-        if branches is not None and backward != "block":
-            raise ValueError(f"`branches` is used by backward='block' only, got backward={backward!r}. Pass backward='block'.")
-        self.branches = branches
 
-        self._run: Optional[LDBRun] = None
+        self._fit: Optional[_Fit] = None
         # What the last fit left for introspection and ``state_dict`` after it ended (no live objects).
         self._last_seed: Optional[int] = None
         self._last_mode = FULL
@@ -147,94 +173,126 @@ class LayerDropBackCallback(Callback):
     @property
     def mode(self) -> str:
         """``"drop"`` or ``"full"``: the mode of the current (or last) training epoch."""
-        return self._run.mode if self._run is not None else self._last_mode
+        return self._fit.engine.mode if self._fit is not None else self._last_mode
 
     @property
     def dropped_layers(self) -> tuple[str, ...]:
         """Names of the layers LDB has dropped right now (parameter names with ``granularity="parameter"``)."""
-        return self._run.dropped_names if self._run is not None else ()
+        return self._fit.engine.dropped_layers if self._fit is not None else ()
 
     @property
     def candidate_layers(self) -> tuple[str, ...]:
         """Names of the layers that may be dropped, in network order (of the running or last fit)."""
-        if self._run is not None:
-            return tuple(layer.name for layer in self._run.candidates)
-        return self._last_candidates
+        return self._fit.engine.candidate_layers if self._fit is not None else self._last_candidates
 
     @property
     def seed(self) -> Optional[int]:
         """The seed of LDB's private generator: of the running fit once resolved in ``setup``, else of the last one."""
-        return self._run.seed if self._run is not None else self._last_seed
+        return self._fit.engine.seed if self._fit is not None else self._last_seed
 
     @property
     def batch_scaling_active(self) -> bool:
         """Whether this fit's DROP epochs load ``batch_scale`` times larger batches (the train data source is a mixin)."""
-        return self._run is not None and self._run.batch_scaling_active
-
-    @property
-    def batch_schedule(self) -> BatchSchedule:
-        """The batch size of each epoch, as a value (``every`` and ``batch_scale``)."""
-        return BatchSchedule(self.every, self.batch_scale)
-
-    def is_drop_epoch(self, epoch: int) -> bool:
-        """Whether ``epoch`` is a DROP epoch under this callback's ``every``."""
-        return is_drop_epoch(epoch, self.every)
-
-    def batch_size_for_epoch(self, epoch: int, base: int) -> int:
-        """The training batch size of ``epoch``: ``base * batch_scale`` on DROP epochs, else ``base``."""
-        return self.batch_schedule.batch_size(epoch, base)
+        return self._fit is not None and self._fit.batch_scaling_active
 
     # ------------------------------------------------------------------ setup and teardown
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._close_run()  # a fit that died without teardown
-        self._run = LDBRun(self._settings(), trainer, pl_module)
+        self._close_fit()  # a fit that died without teardown
+        undo = UndoList()
+        try:
+            adapter = adapter_for(trainer.strategy, self.resample, self.communication)
+            adapter.setup(trainer, pl_module, undo)  # before the strategy wraps the model
+            engine = LayerDropBack(pl_module, (), **self._engine_arguments(), sync=StrategySync(trainer, adapter))
+            fit = _Fit(engine, adapter, undo)
+            fit.reloader = _attach_batch_schedule(trainer, pl_module, self.every, self.batch_scale, undo)
+        except BaseException:
+            undo.close()  # a refused setup leaves the strategy and the data source as they were
+            raise
+        self._fit = fit
+        if fit.batch_scaling_active:
+            composition.warn_if_step_checkpoints(trainer, self.batch_scale)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._require_run().on_fit_start(pl_module)
+        engine = self._require_fit().engine
+        engine.discover()  # modules made in ``configure_model`` exist now
+        composition.warn_if_compiled(pl_module, engine.candidates)
+        composition.warn_if_all_droppable(pl_module, engine.candidates, self.drop_rate)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._require_run().on_train_start(trainer)
+        # Optimizers exist now, and a mid-epoch resume skips ``on_train_epoch_start``, so the epoch is entered here too.
+        fit = self._require_fit()
+        fit.engine.hook_optimizers(trainer.optimizers, replace=True)
+        if fit.reloader is not None:
+            fit.reloader.on_train_start(trainer)
+            composition.warn_if_resumed_short_epoch(trainer, self.every)
+        fit.engine.start_epoch(trainer.current_epoch)
+        fit.timer.start()
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
-            self._close_run()
+            self._close_fit()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # Whatever went wrong (KeyboardInterrupt included), leave every flag, lr and setting as the user set them.
-        self._close_run()
+        self._close_fit()
 
     # ------------------------------------------------------------------ per epoch and step
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._require_run().on_train_epoch_start(trainer)
+        fit = self._require_fit()
+        fit.engine.start_epoch(trainer.current_epoch)
+        fit.timer.start()
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self._require_run().on_train_batch_start(trainer)
+        fit = self._require_fit()
+        if fit.reloader is not None:  # the epoch's train loader is built by now
+            fit.reloader.on_loader_built(trainer)
+        # Optimizers made during fit (a callback calling ``setup_optimizers``) are hooked on their first step.
+        fit.engine.hook_optimizers(trainer.optimizers)
+        if fit.engine.run_order is None:
+            fit.engine.start_run_order()
+        if fit.engine.mode == DROP:
+            # Drawn here, not in ``on_train_epoch_start``: every callback's epoch start has run by now, whatever the
+            # order, so a layer another callback froze there is not a candidate. ``global_step`` counts optimizer
+            # steps, so the micro-batches of one accumulated step share a draw.
+            step = trainer.global_step if self.resample == "step" else None
+            fit.engine.draw(trainer.current_epoch, step)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._require_run().on_train_batch_end(trainer)
+        self._require_fit().engine.finish_run_order()  # rank 0's order, so that every rank drops the same
 
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._require_run().on_after_backward(trainer)
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            self._require_fit().engine.give_placeholder_grads(trainer.optimizers)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._run is not None:  # also runs in ``validate``, outside any fit
-            self._run.timer.pause()
+        if self._fit is not None:  # also runs in ``validate``, outside any fit
+            self._fit.timer.pause()
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._run is not None:
-            self._run.timer.resume()
+        if self._fit is not None:
+            self._fit.timer.resume()
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        for name, value in self._require_run().on_train_epoch_end(trainer).items():
+        fit = self._require_fit()
+        metrics = {
+            "ldb/drop_epoch": float(fit.engine.mode == DROP),
+            "ldb/dropped_fraction": fit.engine.dropped_fraction,
+            "ldb/lr_scale": fit.engine.lr.scale,
+            "ldb/epoch_time": fit.timer.stop(),
+        }
+        fit.engine.end_epoch()
+        if fit.reloader is not None:
+            fit.reloader.on_train_epoch_end(trainer)
+        for name, value in metrics.items():
             pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=True)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        run_order = self._run.run_order if self._run is not None else self._last_run_order
+        run_order = self._fit.engine.run_order if self._fit is not None else self._last_run_order
         return {
             "seed": self.seed,
             "run_order": list(run_order) if run_order is not None else None,
@@ -242,8 +300,8 @@ class LayerDropBackCallback(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Only the seed is restored: every draw is a function of (seed, epoch[, step]). Never freeze
-        # here: this runs before the strategy wraps the model.
+        # Only the seed and the run order are restored: every draw is a function of (seed, epoch[, step]). Never
+        # freeze here: this runs before the strategy wraps the model.
         saved = state_dict.get("config", {})
         current = {key: self._config_value(key) for key in _CONFIG_KEYS}
         changed = {k: (saved[k], current[k]) for k in _CONFIG_KEYS if k in saved and saved[k] != current[k]}
@@ -251,12 +309,10 @@ class LayerDropBackCallback(Callback):
             details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
             rank_zero_warn(f"LayerDropBackCallback resumes with other settings than the checkpoint's ({details}).")
         seed, run_order = state_dict.get("seed"), state_dict.get("run_order")
-        if self._run is None:
+        if self._fit is None:
             self._last_seed, self._last_run_order = seed, run_order
             return
-        if seed is not None:
-            self._run.restore_seed(seed)
-        self._run.restore_run_order(run_order)
+        self._fit.engine.load_state_dict({"seed": seed, "run_order": run_order})
 
     # ------------------------------------------------------------------ internals
     def _config_value(self, key: str) -> Any:
@@ -265,45 +321,69 @@ class LayerDropBackCallback(Callback):
             return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__name__)}"
         return dict(value) if isinstance(value, Mapping) else value
 
-    def _settings(self) -> RunSettings:
-        return RunSettings(
-            drop_rate=self.drop_rate,
-            every=self.every,
-            lr_scale=self.lr_scale,
-            batch_scale=self.batch_scale,
-            keep_first=self.keep_first,
-            keep_last=self.keep_last,
-            resample=self.resample,
-            seed=self.seed_argument,
-            granularity=self.granularity,
-            include=self.include,
-            exclude=self.exclude,
-            communication=self.communication,
-            backward=self.backward,
-            branches=self.branches,
-        )
+    def _engine_arguments(self) -> dict[str, Any]:
+        # Read at every fit: a subclass may change an attribute before ``setup``.
+        names = ("drop_rate", "every", "lr_scale", "batch_scale", "keep_first", "keep_last", "resample", "granularity")
+        arguments = {name: getattr(self, name) for name in names}
+        return {
+            **arguments,
+            "seed": self.seed_argument,
+            "include": self.include,
+            "exclude": self.exclude,
+            "backward": self.backward,
+            "branches": self.branches,
+        }
 
-    def _require_run(self) -> LDBRun:
-        if self._run is None:
+    def _require_fit(self) -> _Fit:
+        if self._fit is None:
             raise RuntimeError(
                 "LayerDropBackCallback: a training hook ran outside a fit set up by this callback. Pass the callback to"
                 " `Trainer(callbacks=[...])` and call `trainer.fit`; don't call its hooks by hand."
             )
-        return self._run
+        return self._fit
 
-    def _close_run(self) -> None:
-        run, self._run = self._run, None
-        if run is None:
+    def _close_fit(self) -> None:
+        fit, self._fit = self._fit, None
+        if fit is None:
             return
-        self._last_seed = run.seed
-        self._last_mode = run.mode
-        self._last_candidates = tuple(layer.name for layer in run.candidates)
-        self._last_run_order = run.run_order
-        run.close()
+        self._last_seed = fit.engine.seed
+        self._last_mode = fit.engine.mode
+        self._last_candidates = fit.engine.candidate_layers
+        self._last_run_order = fit.engine.run_order
+        fit.close()
 
 
-def find_ldb_callback(trainer: Optional[Trainer]) -> Optional[LayerDropBackCallback]:
-    """The trainer's :class:`LayerDropBackCallback`, or ``None``."""
-    if trainer is None:
+def _attach_batch_schedule(
+    trainer: Trainer, pl_module: LightningModule, every: int, batch_scale: int, undo: UndoList
+) -> Optional[TrainLoaderReloader]:
+    """Hand the fit's batch schedule to the object that supplies the train loader; its reloader, if it is a mixin."""
+    if batch_scale == 1:
         return None
-    return next((cb for cb in trainer.callbacks if isinstance(cb, LayerDropBackCallback)), None)
+    source = _compat.train_data_source(trainer)
+    schedule = BatchSchedule(every, batch_scale, trainer.limit_train_batches)
+    if attach_batch_schedule(source, schedule, undo):
+        return TrainLoaderReloader(trainer, schedule, undo)
+    mixins = [obj for obj in (trainer.datamodule, pl_module) if isinstance(obj, LDBDataModuleMixin)]
+    if mixins:
+        why = (
+            f" {type(mixins[0]).__name__} uses `LDBDataModuleMixin`, but the train loader comes from"
+            f" {_describe_source(source)}. Put the mixin on the object that supplies the train loader,"
+        )
+    else:
+        why = (
+            " neither the DataModule nor the LightningModule uses `LDBDataModuleMixin`. Put"
+            " `LDBDataModuleMixin` first among its bases (see the README),"
+        )
+    rank_zero_warn(
+        f"LayerDropBackCallback(batch_scale={batch_scale}): the DROP-epoch batch size stays unscaled, because"
+        f"{why} or pass batch_scale=1."
+    )
+    return None
+
+
+def _describe_source(source: Any) -> str:
+    if isinstance(source, LightningModule) or hasattr(source, "train_dataloader"):
+        return f"{type(source).__name__}.train_dataloader()"
+    if isinstance(source, Sequence) or source is None:
+        return "the loaders passed to `fit`"
+    return f"the {type(source).__name__} passed to `fit`"

@@ -63,7 +63,7 @@ class TrainLoaderReloader:
         self._forced = False
         # Recorded as it is now (the value is unchanged here): ``_prepare`` changes it per epoch, the undo puts it back.
         undo.set_attribute(trainer, "limit_train_batches", trainer.limit_train_batches)
-        undo.on_undo(lambda: self.on_loader_built(trainer))
+        undo.callback(self.on_loader_built, trainer)
 
     def on_train_start(self, trainer: Trainer) -> None:
         """Rebuild the train loader if it was built for another epoch than the first one to run.

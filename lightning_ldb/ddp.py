@@ -25,59 +25,29 @@ parameters are trainable while training runs, so it has to tell DDP. It picks on
 
 The callback's ``communication`` argument (``"auto"``, ``"rewrap"``, ``"hook"`` or ``"find_unused"``)
 overrides the choice; it is part of the callback's configuration, so configs and checkpoints record
-it. The environment variable ``LDB_DDP_COMMUNICATION`` is a deprecated alias that warns.
+it.
 
-Every rank must drop the same layers at the same time. The draws are a pure function of
-``(seed, epoch[, step])`` and the seed is broadcast from rank 0, so they agree by construction;
-:class:`CrossRankDrawCheck` verifies it cheaply (one all-gather of a 63-bit digest per check) and
-raises on every rank at once if they ever disagree.
+Every rank must drop the same layers at the same time: :class:`~lightning_ldb.distributed.CrossRankDrawCheck`
+verifies it, and :func:`~lightning_ldb.distributed.allreduce_trainable_only` is the ``"hook"`` method's hook.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import warnings
-from typing import Any, Optional
+from typing import Optional
 
-import torch
-import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_ldb import _compat
+from lightning_ldb.distributed import CrossRankDrawCheck, allreduce_trainable_only
+from lightning_ldb.sampling import DrawKey
 from lightning_ldb.undo import UndoList
 
-#: Deprecated environment variable for the ``communication`` argument.
-COMMUNICATION_ENV = "LDB_DDP_COMMUNICATION"
 #: The communication methods, ``"auto"`` first.
 COMMUNICATION_METHODS = ("auto", "rewrap", "hook", "find_unused")
 
-DrawKey = Optional[tuple[int, Optional[int]]]
-
-
-def requested_communication(communication: str) -> str:
-    """``communication``, or the deprecated ``LDB_DDP_COMMUNICATION`` when the argument is left at ``"auto"``."""
-    value = os.environ.get(COMMUNICATION_ENV, "").strip().lower()
-    if not value:
-        return communication
-    if communication != "auto":
-        warnings.warn(
-            f"{COMMUNICATION_ENV}={value!r} is ignored: LayerDropBackCallback(communication={communication!r}) is"
-            f" given. Unset {COMMUNICATION_ENV}.",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return communication
-    warnings.warn(
-        f"{COMMUNICATION_ENV} is deprecated: pass LayerDropBackCallback(communication={value!r}) instead (configs"
-        " and checkpoints then record it).",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return value
 
 
 def choose_communication(strategy: DDPStrategy, resample: str, requested: str = "auto") -> str:
@@ -98,8 +68,7 @@ def choose_communication(strategy: DDPStrategy, resample: str, requested: str = 
     """
     if requested not in COMMUNICATION_METHODS:
         raise ValueError(
-            f"`communication` must be one of {list(COMMUNICATION_METHODS)}, got {requested!r}"
-            f" (from {COMMUNICATION_ENV}, which is deprecated: unset it)."
+            f"`communication` must be one of {list(COMMUNICATION_METHODS)}, got {requested!r}."
         )
     kwargs = _compat.ddp_kwargs(strategy)
     user_comm_hook = _compat.ddp_user_comm_hook(strategy)
@@ -187,7 +156,7 @@ class DDPAdapter:
                 " DDP's communication as configured: dropped layers' (zero) gradient slots are still all-reduced."
             )
 
-    def on_trainable_set_changed(self, trainer: Trainer, draw_key: DrawKey, dropped: tuple[str, ...]) -> None:
+    def on_trainable_set_changed(self, trainer: Trainer, draw_key: Optional[DrawKey], dropped: tuple[str, ...]) -> None:
         """Check that every rank agrees on the draw, then bring DDP in line with the new trainable set.
 
         Args:
@@ -237,166 +206,3 @@ class DDPAdapter:
         _compat.remove_ddp_autograd_hooks(wrapper)
         self._wrapper = new_wrapper
         self._wrapped_trainable = trainable
-
-
-def allreduce_trainable_only(
-    process_group: Optional[dist.ProcessGroup], bucket: dist.GradBucket
-) -> torch.futures.Future[torch.Tensor]:
-    """DDP communication hook: average only the gradients of parameters that require a gradient now.
-
-    With ``find_unused_parameters=True`` the slots of frozen (dropped) parameters in a bucket are
-    zero and DDP leaves their ``grad`` as ``None``; all-reducing them only costs bandwidth. This hook
-    packs the trainable slots into one tensor, all-reduces that, and unpacks the average. A bucket
-    with no trainable parameter is not communicated at all; a fully trainable one is all-reduced
-    in place, exactly like DDP's default hook. Every rank must have the same parameters frozen,
-    which :class:`CrossRankDrawCheck` verifies.
-
-    Args:
-        process_group: The group to average over (``None``: the default group).
-        bucket: The gradient bucket DDP hands over.
-
-    Returns:
-        A future holding the bucket's flat buffer with the averaged gradients.
-    """
-    group = process_group if process_group is not None else dist.group.WORLD
-    world_size = dist.get_world_size(group)
-    buffer = bucket.buffer()
-    gradients = bucket.gradients()
-    trainable = [grad for param, grad in zip(bucket.parameters(), gradients) if param.requires_grad]
-    if len(trainable) == len(gradients):
-        buffer.div_(world_size)
-        return dist.all_reduce(buffer, group=group, async_op=True).get_future().then(lambda fut: fut.value()[0])
-    if not trainable:
-        done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-        done.set_result(buffer)
-        return done
-    packed = torch.cat([grad.reshape(-1) for grad in trainable]).div_(world_size)
-
-    def unpack(fut: torch.futures.Future[Any]) -> torch.Tensor:
-        averaged = fut.value()[0]
-        offset = 0
-        for grad in trainable:
-            grad.copy_(averaged[offset : offset + grad.numel()].view_as(grad))
-            offset += grad.numel()
-        return buffer
-
-    return dist.all_reduce(packed, group=group, async_op=True).get_future().then(unpack)
-
-
-# DDP's ``register_comm_hook`` compares the hook's annotations with the real types; ``from __future__ import
-# annotations`` turned them into strings, so they are restored here.
-allreduce_trainable_only.__annotations__ = {
-    "process_group": Optional[dist.ProcessGroup],
-    "bucket": dist.GradBucket,
-    "return": torch.futures.Future[torch.Tensor],
-}
-
-
-def draw_digest(draw_key: tuple[int, Optional[int]], dropped: tuple[str, ...]) -> int:
-    """A 63-bit digest of a draw: its key and the names it dropped.
-
-    Example::
-
-        >>> draw_digest((2, None), ("net.7",)) == draw_digest((2, None), ("net.7",))
-        True
-        >>> draw_digest((2, None), ("net.7",)) == draw_digest((2, None), ("net.9",))
-        False
-    """
-    text = f"{draw_key!r}|{'|'.join(dropped)}".encode()
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
-
-
-class CrossRankDrawCheck:
-    """Verifies that every rank dropped the same layers, at one all-gather of 8 bytes per check.
-
-    Args:
-        per_draw: ``True``: check every draw as it is made (one draw per DROP epoch with
-            ``resample="epoch"``). ``False`` (``resample="step"``): check the first draw of each
-            DROP epoch at once and fold the later ones into a running digest that is checked when
-            the epoch releases its layers, so that a per-step draw costs no collective, and no
-            device synchronisation, of its own.
-    """
-
-    def __init__(self, per_draw: bool) -> None:
-        self.per_draw = per_draw
-        self._epoch: Optional[int] = None
-        self._running: Optional[int] = None
-        self._history: list[tuple[tuple[int, Optional[int]], tuple[str, ...]]] = []
-
-    def on_draw(self, strategy: Any, draw_key: tuple[int, Optional[int]], dropped: tuple[str, ...]) -> None:
-        """Record (and, when due, check) a draw.
-
-        Raises:
-            RuntimeError: If the ranks disagree.
-        """
-        epoch = draw_key[0]
-        if self._running is not None and epoch != self._epoch:
-            self.on_release(strategy)  # a draw of a new epoch without a release in between: settle the old one
-        digest = draw_digest(draw_key, dropped)
-        if self.per_draw or epoch != self._epoch:
-            self._epoch = epoch
-            self._verify(strategy, digest, [(draw_key, dropped)])
-            return
-        self._history.append((draw_key, dropped))
-        previous = self._running if self._running is not None else 0
-        self._running = draw_digest((epoch, previous), (str(digest),))
-
-    def on_release(self, strategy: Any) -> None:
-        """Check the draws folded since the last check, if any.
-
-        Raises:
-            RuntimeError: If the ranks disagree.
-        """
-        if self._running is None:
-            return
-        digest, history = self._running, self._history
-        self._running, self._history = None, []
-        self._verify(strategy, digest, history)
-
-    def _verify(
-        self, strategy: Any, digest: int, history: list[tuple[tuple[int, Optional[int]], tuple[str, ...]]]
-    ) -> None:
-        if strategy.world_size <= 1 or not dist.is_initialized():
-            return
-        # ``torch.distributed.all_gather`` rather than ``strategy.all_gather``, whose autograd-aware path warns
-        # about a deprecated torch function on every call. The tensor lives on the device NCCL needs.
-        local = torch.tensor([digest], dtype=torch.int64, device=strategy.root_device)
-        gathered = [torch.empty_like(local) for _ in range(strategy.world_size)]
-        dist.all_gather(gathered, local)
-        digests = [int(tensor.item()) for tensor in gathered]
-        if len(set(digests)) == 1:
-            return
-        # Every rank sees the mismatch, so all of them take this path together and the collective below pairs up.
-        histories: list[Any] = [None] * len(digests)
-        dist.all_gather_object(histories, history)
-        raise RuntimeError(_disagreement_message(self._epoch, histories))
-
-
-def _disagreement_message(epoch: Optional[int], histories: list[Any]) -> str:
-    """Describe the first draw in which some rank differs from rank 0."""
-    reference = histories[0]
-    detail = ""
-    for rank, history in enumerate(histories[1:], start=1):
-        for index in range(max(len(reference), len(history))):
-            ours = reference[index] if index < len(reference) else None
-            theirs = history[index] if index < len(history) else None
-            if ours != theirs:
-                key = (ours or theirs)[0]
-                step = f" at step {key[1]}" if key[1] is not None else ""
-                detail = f"{step}: rank 0 dropped {_describe(ours)}, rank {rank} dropped {_describe(theirs)}"
-                break
-        if detail:
-            break
-    return (
-        f"LayerDropBackCallback: the ranks disagree on the layers dropped in epoch {epoch}{detail}. Gradients of a layer"
-        " dropped on some ranks only are still averaged, so it would train anyway and the ranks would diverge. Give"
-        " every rank the same model and the same LayerDropBackCallback arguments (drop_rate, keep_first, keep_last,"
-        " include, exclude, granularity, resample); the seed is broadcast from rank 0."
-    )
-
-
-def _describe(entry: Any) -> str:
-    if entry is None:
-        return "nothing (no draw)"
-    key, dropped = entry
-    return f"{list(dropped)} (draw key {key})"

@@ -13,26 +13,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch.utils.hooks import RemovableHandle
 
 from lightning_ldb.branches import Branch
 
 
-def _detached(value: Any) -> Any:
-    """``value`` with every tensor in it (also inside tuples, lists and dicts) detached."""
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    if isinstance(value, (tuple, list)):
-        items = [_detached(item) for item in value]
-        # A namedtuple is rebuilt from its fields, a plain tuple or list from the sequence.
-        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
-    if isinstance(value, dict):
-        return type(value)((key, _detached(item)) for key, item in value.items())
-    return value
-
-
 def _detach_inputs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
-    return _detached(args), _detached(kwargs)
+    # Every tensor, also inside tuples, lists, dicts and dataclasses (Hugging Face blocks pass keyword arguments).
+    return apply_to_collection((args, kwargs), torch.Tensor, torch.Tensor.detach)
 
 
 class BranchInputDetacher:
@@ -64,11 +53,6 @@ class BranchInputDetacher:
 
     def __init__(self) -> None:
         self._handles: dict[int, tuple[Branch, RemovableHandle]] = {}
-
-    @property
-    def detached(self) -> tuple[Branch, ...]:
-        """The branches whose entries are detached now, in the order they were detached."""
-        return tuple(branch for branch, _ in self._handles.values())
 
     def detach(self, branches: Iterable[Branch]) -> int:
         """Detach the inputs of these branches' entries from now on.

@@ -19,7 +19,7 @@ Nothing in FSDP2 has to be told that LDB changed ``requires_grad`` (measured wit
 
 What LDB must guarantee is that every rank drops the same layers: a rank that reduce-scatters a
 group another rank skips pairs the wrong collectives (a hang or mixed-up gradients). The draws
-agree by construction (seed broadcast from rank 0); :class:`~lightning_ldb.ddp.CrossRankDrawCheck`
+agree by construction (seed broadcast from rank 0); :class:`~lightning_ldb.distributed.CrossRankDrawCheck`
 verifies it with one 8-byte all-gather per draw, before the forward that would use it.
 
 Only data parallelism is served: tensor parallelism (``tensor_parallel_size > 1``) is refused in
@@ -32,10 +32,9 @@ from typing import Any, Optional
 
 from lightning.pytorch import LightningModule, Trainer
 
-from lightning_ldb.ddp import CrossRankDrawCheck
+from lightning_ldb.distributed import CrossRankDrawCheck
+from lightning_ldb.sampling import DrawKey
 from lightning_ldb.undo import UndoList
-
-DrawKey = Optional[tuple[int, Optional[int]]]
 
 #: The name Lightning's ``ModelParallelStrategy`` gives the tensor-parallel dimension of its device mesh.
 TENSOR_PARALLEL_DIM = "tensor_parallel"
@@ -75,7 +74,7 @@ class FSDP2Adapter:
 
     Args:
         resample: The callback's ``resample`` (``"epoch"``: every draw is checked at once;
-            ``"step"``: checked once per DROP epoch, see :class:`~lightning_ldb.ddp.CrossRankDrawCheck`).
+            ``"step"``: checked once per DROP epoch, see :class:`~lightning_ldb.distributed.CrossRankDrawCheck`).
 
     Raises:
         ValueError: If ``resample`` is neither ``"epoch"`` nor ``"step"``.
@@ -109,7 +108,7 @@ class FSDP2Adapter:
                 " `fully_shard` applied in `configure_model` (FSDP2 data parallelism), or remove LayerDropBackCallback."
             )
 
-    def on_trainable_set_changed(self, trainer: Trainer, draw_key: DrawKey, dropped: tuple[str, ...]) -> None:
+    def on_trainable_set_changed(self, trainer: Trainer, draw_key: Optional[DrawKey], dropped: tuple[str, ...]) -> None:
         """Check that every rank agrees on the draw; FSDP2 itself needs nothing.
 
         Args:

@@ -23,12 +23,18 @@ class StepLRScaler:
     """Multiplies every param group's ``lr`` by :attr:`scale` while an optimizer steps.
 
     Args:
-        before_step: Called with the optimizer just before each step, after the scale is applied.
+        before_step: Called with the optimizer just before each step, before the scale is applied.
+        after_step: Called with the optimizer just after each step, after the unscaled ``lr`` is back.
     """
 
-    def __init__(self, before_step: Optional[Callable[[Optimizer], None]] = None) -> None:
+    def __init__(
+        self,
+        before_step: Optional[Callable[[Optimizer], None]] = None,
+        after_step: Optional[Callable[[Optimizer], None]] = None,
+    ) -> None:
         self.scale = 1.0
         self._before_step = before_step
+        self._after_step = after_step
         self._handles: list[RemovableHandle] = []
         self._attached: dict[int, Optimizer] = {}
         self._warned: set[int] = set()
@@ -94,13 +100,15 @@ class StepLRScaler:
         if entry is not None:
             for group, lr in zip(optimizer.param_groups, entry[1]):
                 group["lr"] = lr
+        if self._after_step is not None:
+            self._after_step(optimizer)
 
     def _warn_unscalable(self, optimizer: Optimizer, lrs: list[Any]) -> None:
         if id(optimizer) in self._warned:
             return
         self._warned.add(id(optimizer))
         warnings.warn(
-            f"LayerDropBackCallback(lr_scale={self.scale}) cannot scale the learning rate of {type(optimizer).__name__}:"
+            f"LayerDropBack(lr_scale={self.scale}) cannot scale the learning rate of {type(optimizer).__name__}:"
             f" its param groups hold lr={lrs[0]!r}, so it computes its own step size (e.g. Adafactor with"
             " relative_step=True). DROP epochs still drop layers and scale the batch, at the optimizer's own step"
             " size. Give the optimizer an explicit lr to have it scaled.",

@@ -16,6 +16,9 @@ import torch
 #: Environment variable in which ``lightning.seed_everything`` records the global seed.
 GLOBAL_SEED_ENV = "PL_GLOBAL_SEED"
 
+#: What a draw is a function of, besides the seed: ``(epoch, step)``, ``step`` ``None`` with ``resample="epoch"``.
+DrawKey = tuple[int, Optional[int]]
+
 
 def draw_key(seed: int, epoch: int, step: Optional[int] = None) -> int:
     """A 63-bit generator seed that depends on every part of ``(seed, epoch, step)``.

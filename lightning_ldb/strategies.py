@@ -7,7 +7,7 @@ changes which parameters are trainable, and finally to let go of everything it h
 
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import (
@@ -19,6 +19,7 @@ from lightning.pytorch.strategies import (
     XLAStrategy,
 )
 
+from lightning_ldb.sampling import DrawKey
 from lightning_ldb.undo import UndoList
 
 
@@ -29,7 +30,7 @@ class StrategyAdapter(Protocol):
         """Check and configure the strategy; runs in the callback's ``setup``, before the model is wrapped."""
 
     def on_trainable_set_changed(
-        self, trainer: Trainer, draw_key: Optional[tuple[int, Optional[int]]], dropped: tuple[str, ...]
+        self, trainer: Trainer, draw_key: Optional[DrawKey], dropped: tuple[str, ...]
     ) -> None:
         """LDB just froze ``dropped`` for draw ``draw_key``, or (``draw_key=None``) released every layer."""
 
@@ -44,7 +45,7 @@ class NoOpAdapter:
         pass
 
     def on_trainable_set_changed(
-        self, trainer: Trainer, draw_key: Optional[tuple[int, Optional[int]]], dropped: tuple[str, ...]
+        self, trainer: Trainer, draw_key: Optional[DrawKey], dropped: tuple[str, ...]
     ) -> None:
         pass
 
@@ -86,3 +87,28 @@ def adapter_for(strategy: Strategy, resample: str, communication: str = "auto") 
         " `torch.distributed.fsdp.fully_shard` (FSDP2) applied in `configure_model`; or remove LayerDropBackCallback."
     )
 
+
+class StrategySync:
+    """The engine's :class:`~lightning_ldb.distributed.Sync` under the Trainer: the strategy broadcasts, the adapter
+    is told when the trainable set changes.
+
+    Args:
+        trainer: The trainer of the fit.
+        adapter: The strategy's adapter (configured in ``setup`` already).
+    """
+
+    def __init__(self, trainer: Trainer, adapter: StrategyAdapter) -> None:
+        self.trainer = trainer
+        self.adapter = adapter
+
+    def broadcast(self, obj: Any) -> Any:
+        return self.trainer.strategy.broadcast(obj, src=0)
+
+    def before_draw(self) -> None:
+        pass  # the adapter configured the strategy in ``setup``, before the wrap
+
+    def on_trainable_set_changed(self, draw_key: Optional[DrawKey], dropped: tuple[str, ...]) -> None:
+        self.adapter.on_trainable_set_changed(self.trainer, draw_key, dropped)
+
+    def close(self) -> None:
+        self.adapter.close()

@@ -1,15 +1,20 @@
-"""An undo list: every change LDB makes to an object it does not own, recorded so it can be put back exactly."""
+"""The undo list: every change LDB makes to an object it does not own, recorded so it can be put back exactly.
+
+A :class:`contextlib.ExitStack` with two helpers for the changes LDB makes (an attribute, a mapping item): closing
+the stack reverts them newest first, on every exit path, and a second close does nothing.
+"""
 
 from __future__ import annotations
 
 from collections.abc import MutableMapping
-from typing import Any, Callable
+from contextlib import ExitStack
+from typing import Any
 
 _ABSENT = object()
 
 
-class UndoList:
-    """Records changes to other objects' attributes and mapping items, and reverts them in reverse order.
+class UndoList(ExitStack):
+    """An :class:`~contextlib.ExitStack` that records assignments to other objects and reverts them on :meth:`close`.
 
     Example::
 
@@ -17,16 +22,10 @@ class UndoList:
         >>> trainer, undo = Trainer(), UndoList()
         >>> undo.set_attribute(trainer, "reload_dataloaders_every_n_epochs", 1)
         >>> undo.set_item(kwargs := {}, "find_unused_parameters", True)
-        >>> undo.undo()
+        >>> undo.close()
         >>> trainer.reload_dataloaders_every_n_epochs, kwargs
         (0, {})
     """
-
-    def __init__(self) -> None:
-        self._actions: list[Callable[[], None]] = []
-
-    def __len__(self) -> int:
-        return len(self._actions)
 
     def set_attribute(self, obj: Any, name: str, value: Any) -> None:
         """``setattr(obj, name, value)``, undone by restoring the old value (or deleting an attribute that was absent)."""
@@ -39,7 +38,7 @@ class UndoList:
                 delattr(obj, name)
 
         setattr(obj, name, value)
-        self._actions.append(revert)
+        self.callback(revert)
 
     def set_item(self, mapping: MutableMapping[str, Any], key: str, value: Any) -> None:
         """``mapping[key] = value``, undone by restoring the old value (or removing a key that was absent)."""
@@ -52,13 +51,4 @@ class UndoList:
                 mapping[key] = old
 
         mapping[key] = value
-        self._actions.append(revert)
-
-    def on_undo(self, action: Callable[[], None]) -> None:
-        """Run ``action`` when the list is undone (for changes that are not a plain assignment)."""
-        self._actions.append(action)
-
-    def undo(self) -> None:
-        """Revert every recorded change, newest first, and forget them; safe to call more than once."""
-        while self._actions:
-            self._actions.pop()()
+        self.callback(revert)

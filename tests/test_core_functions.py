@@ -7,7 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_ldb import discover_layers, draw_dropped, is_drop_epoch, select_candidates
+from lightning_ldb.layers import discover_layers, select_candidates
+from lightning_ldb.sampling import draw_dropped
+from lightning_ldb.schedule import is_drop_epoch
 from lightning_ldb.layers import RunOrderRecorder, order_layers, unique_numel
 from lightning_ldb.sampling import draw_key
 

@@ -24,7 +24,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
 from lightning_ldb import LayerDropBackCallback
-from lightning_ldb.ddp import COMMUNICATION_ENV, DDPAdapter, draw_digest
+from lightning_ldb.ddp import DDPAdapter
+from lightning_ldb.distributed import draw_digest
 from torch.nn.parallel import DistributedDataParallel
 from lightning_ldb.strategies import adapter_for
 
@@ -290,16 +291,6 @@ def test_ddp_settings_are_the_users_again_after_fit_and_no_wrapper_stays_with_th
     assert log.find_unused_parameters is (resample == "step")  # turned on before the wrap for "step"
     assert trainer.strategy._ddp_kwargs == before
     assert reachable(ldb, DistributedDataParallel) == []
-
-
-@pytest.mark.timeout(60)
-def test_the_deprecated_environment_variable_still_chooses_the_method_and_warns(single_process_group, monkeypatch):
-    monkeypatch.setenv(COMMUNICATION_ENV, "find_unused")
-    log = FindUnusedLog()
-    ldb = LayerDropBackCallback(keep_first=2, batch_scale=1, seed=0)
-    with pytest.warns(DeprecationWarning, match=r"pass LayerDropBackCallback\(communication='find_unused'\)"):
-        make_trainer(max_epochs=1, callbacks=[ldb, log], strategy="ddp").fit(TinyMLP())
-    assert log.find_unused_parameters is True
 
 
 @pytest.mark.timeout(60)

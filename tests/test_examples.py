@@ -14,7 +14,8 @@ import torch
 from helpers import TinyDataModule, TinyMLP, make_trainer
 from lightning.pytorch.callbacks import Callback
 
-from lightning_ldb import LayerDropBackCallback, discover_layers, select_candidates
+from lightning_ldb import LayerDropBackCallback
+from lightning_ldb.layers import discover_layers, select_candidates
 
 torchvision = pytest.importorskip("torchvision")
 pytest.importorskip("torchmetrics")

@@ -9,7 +9,7 @@ from typing import Any, Optional
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 
-from lightning_ldb.callback import find_ldb_callback
+from lightning_ldb import LayerDropBackCallback
 from lightning_ldb.timing import EpochTimer
 
 
@@ -76,7 +76,7 @@ class EpochSummary(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._steps += 1
-        ldb = find_ldb_callback(trainer)
+        ldb = _ldb_callback(trainer)
         if ldb is not None:
             self._dropped_counts.append(len(ldb.dropped_layers))
 
@@ -89,7 +89,7 @@ class EpochSummary(Callback):
             self._validated = True
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        ldb = find_ldb_callback(trainer)
+        ldb = _ldb_callback(trainer)
         metrics = trainer.callback_metrics
         record = EpochRecord(
             epoch=trainer.current_epoch,
@@ -204,3 +204,7 @@ def _as_float(value: Any) -> Optional[float]:
 
 def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+def _ldb_callback(trainer: Trainer) -> Optional[LayerDropBackCallback]:
+    return next((cb for cb in trainer.callbacks if isinstance(cb, LayerDropBackCallback)), None)

@@ -1,4 +1,5 @@
-"""How LDB composes with other Lightning and PyTorch features: warnings for the cases that need the user's attention.
+"""How LDB composes with other Lightning and PyTorch features under the Trainer: warnings for the cases that need
+the user's attention.
 
 Each check reads, never writes, the trainer's state, and warns once on rank 0.
 """
@@ -12,8 +13,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_ldb import _compat
-from lightning_ldb.layers import Layer
 from lightning_ldb.schedule import is_drop_epoch
+from lightning_ldb.units import Unit
 
 
 def warn_if_step_checkpoints(trainer: Trainer, batch_scale: int) -> None:
@@ -58,7 +59,7 @@ def warn_if_resumed_short_epoch(trainer: Trainer, every: int) -> None:
         )
 
 
-def warn_if_all_droppable(pl_module: LightningModule, candidates: Sequence[Layer], drop_rate: float) -> None:
+def warn_if_all_droppable(pl_module: LightningModule, candidates: Sequence[Unit], drop_rate: float) -> None:
     """Warn when a draw can drop every trainable layer, which leaves the loss without a gradient."""
     # Checked here, after every callback's ``setup`` (``BackboneFinetuning`` freezes there). A draw that
     # drops every trainable layer leaves the loss without a gradient: the step fails, at random, mid-run.
@@ -77,7 +78,7 @@ def warn_if_all_droppable(pl_module: LightningModule, candidates: Sequence[Layer
     )
 
 
-def warn_if_compiled(pl_module: LightningModule, candidates: Sequence[Layer]) -> None:
+def warn_if_compiled(pl_module: LightningModule, candidates: Sequence[Unit]) -> None:
     """Warn when a compiled module holds droppable layers: each new dropped set recompiles."""
     # A compiled graph is specialised on which of its inputs require a gradient: every new dropped set
     # recompiles (checked: training stays correct, before and after the recompile limit).

@@ -1,0 +1,230 @@
+"""``LayerDropBack`` in a plain PyTorch loop: the callback's guarantees without the Trainer.
+
+Same draws and the same weights as the callback for the same seed; dropped parameters bitwise unchanged and kept
+ones moving; the LR scaled only inside ``step()``; everything restored when the epoch's block exits, also on error.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import pytest
+import torch
+from helpers import TinyMLP, make_dataset, make_trainer, snapshot
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_ldb import LayerDropBack, LayerDropBackCallback
+
+KWARGS: dict[str, Any] = dict(drop_rate=0.5, every=2, keep_first=2, keep_last=1, seed=3, batch_scale=1)
+
+
+def new_model() -> TinyMLP:
+    torch.manual_seed(0)
+    return TinyMLP()
+
+
+def sgd(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+
+
+def plain_loop(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ldb: LayerDropBack,
+    epochs: int,
+    start: int = 0,
+    on_epoch: Optional[Any] = None,
+) -> dict[int, tuple[int, tuple[str, ...]]]:
+    """The README's loop over TinyMLP's data; returns, per optimizer step, (epoch, layers dropped in its forward)."""
+    draws: dict[int, tuple[int, tuple[str, ...]]] = {}
+    current = {"epoch": start}
+    # Recorded after the forward: with resample="step" the step's draw is applied just before it.
+    def record(*_: Any) -> None:
+        draws.setdefault(ldb.steps, (current["epoch"], ldb.dropped_layers))
+
+    handle = model.register_forward_hook(record)
+    data = make_dataset(64)
+    for epoch in range(start, epochs):
+        current["epoch"] = epoch
+        loader = DataLoader(data, batch_size=ldb.batch_size(16, epoch))
+        with ldb.epoch(epoch):
+            for x, y in loader:
+                loss = nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+            if on_epoch is not None:
+                on_epoch(epoch)
+    handle.remove()
+    return draws
+
+
+class StepDraws(Callback):
+    def __init__(self, ldb: LayerDropBackCallback) -> None:
+        self.ldb = ldb
+        self.draws: dict[int, tuple[int, tuple[str, ...]]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.draws[trainer.global_step] = (trainer.current_epoch, self.ldb.dropped_layers)
+
+
+@pytest.mark.parametrize("resample", ["epoch", "step"])
+def test_the_plain_loop_draws_and_trains_exactly_like_the_callback(resample):
+    callback = LayerDropBackCallback(**KWARGS, resample=resample)
+    log = StepDraws(callback)
+    trained = new_model()
+    make_trainer(5, [callback, log]).fit(trained)
+
+    model = new_model()
+    optimizer = sgd(model)
+    draws = plain_loop(model, optimizer, LayerDropBack(model, optimizer, **KWARGS, resample=resample), 5)
+    assert draws == log.draws
+    assert any(dropped for _, dropped in draws.values())
+    if resample == "step":
+        assert len({dropped for epoch, dropped in draws.values() if epoch == 2}) > 1  # a draw per step
+    for name, param in model.named_parameters():
+        assert torch.equal(param, trained.get_submodule("").get_parameter(name)), name
+
+
+def test_dropped_parameters_stay_bitwise_unchanged_and_kept_ones_move():
+    model = new_model()
+    optimizer = sgd(model)
+    ldb = LayerDropBack(model, optimizer, **KWARGS)
+    weights: dict[int, dict[str, torch.Tensor]] = {}
+    dropped: dict[int, tuple[str, ...]] = {}
+
+    def at_epoch_end(epoch: int) -> None:  # still inside the epoch's block
+        weights[epoch], dropped[epoch] = snapshot(model), ldb.dropped_layers
+
+    plain_loop(model, optimizer, ldb, 3, on_epoch=at_epoch_end)
+    assert dropped[2] and dropped[1] == ()
+    dropped_params = {f"{layer}.{kind}" for layer in dropped[2] for kind in ("weight", "bias")}
+    for name, value in weights[2].items():
+        assert torch.equal(value, weights[1][name]) == (name in dropped_params), name
+    assert all(p.requires_grad for p in model.parameters())  # released on exit
+
+
+def test_the_lr_is_scaled_inside_step_only_and_the_batch_on_drop_epochs():
+    model = new_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ldb = LayerDropBack(model, optimizer, lr_scale=3.0, batch_scale=2, every=2, keep_first=2, seed=0)
+    inside: dict[int, set[float]] = {}
+    outside: dict[int, set[float]] = {}
+    optimizer.register_step_pre_hook(lambda opt, *_: inside.setdefault(epoch, set()).add(opt.param_groups[0]["lr"]))
+    for epoch in range(3):
+        with ldb.epoch(epoch):
+            for _ in range(2):
+                model(torch.randn(4, 8)).sum().backward()
+                outside.setdefault(epoch, set()).add(optimizer.param_groups[0]["lr"])
+                optimizer.step()
+                optimizer.zero_grad()
+    assert inside == {0: {0.1}, 1: {0.1}, 2: {0.1 * 3.0}}
+    assert outside == {0: {0.1}, 1: {0.1}, 2: {0.1}}
+    assert [ldb.batch_size(64, e) for e in range(5)] == [64, 64, 128, 64, 128]
+
+
+@pytest.mark.parametrize("backward", ["weights", "block"])
+def test_an_error_inside_the_epoch_restores_every_flag_hook_and_lr(backward):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), *[Residual() for _ in range(4)], nn.Linear(4, 1))
+    model[2].fc.requires_grad_(False)  # the user's own freeze stays
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    branches = {"*.fc": []} if backward == "block" else None
+    ldb = LayerDropBack(model, optimizer, drop_rate=0.9, keep_first=1, keep_last=1, seed=0, backward=backward,
+                        branches=branches)  # fmt: skip
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="boom"):
+        with ldb.epoch(2):
+            assert ldb.dropped_layers
+            model(torch.randn(2, 4)).sum().backward()
+            optimizer.step()
+            raise RuntimeError("boom")
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert optimizer.param_groups[0]["lr"] == 0.1 and ldb.dropped_layers == ()
+    # No detach hook is left: the input gradient flows through every branch again.
+    x = torch.randn(2, 4, requires_grad=True)
+    model[1](x).sum().backward()
+    assert torch.equal(x.grad, (torch.ones(2, 4) + torch.ones(2, 4) @ model[1].fc.weight))
+    ldb.close()
+    optimizer.step()  # after close, step() is the optimizer's own
+    assert optimizer.param_groups[0]["lr"] == 0.1
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc(x)
+
+
+def test_block_mode_skips_the_dropped_branch_and_keeps_the_forward():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), *[Residual() for _ in range(4)], nn.Linear(4, 1))
+    ldb = LayerDropBack(model, (), drop_rate=0.5, keep_first=1, keep_last=1, seed=1, backward="block",
+                        branches={"*.fc": []})  # fmt: skip
+    x = torch.randn(3, 4)
+    expected = model(x)
+    with ldb.epoch(2):
+        dropped = ldb.dropped_layers
+        assert 0 < len(dropped) < len(ldb.candidate_layers)
+        out = model(x)
+        out.sum().backward()
+    assert torch.equal(out, expected)  # the forward is unchanged
+    for name in ldb.candidate_layers:  # the backward skipped every dropped branch, and only those
+        assert (model.get_submodule(name).weight.grad is None) == (name in dropped), name
+
+
+def test_state_dict_continues_the_draws_of_an_interrupted_plain_loop():
+    model = new_model()
+    optimizer = sgd(model)
+    reference = plain_loop(model, optimizer, LayerDropBack(model, optimizer, **KWARGS, resample="step"), 5)
+
+    model = new_model()
+    optimizer = sgd(model)
+    first = LayerDropBack(model, optimizer, **KWARGS, resample="step")
+    plain_loop(model, optimizer, first, 3)
+    state = first.state_dict()
+    first.close()
+    assert set(state) == {"seed", "run_order", "steps"}
+    resumed = LayerDropBack(model, optimizer, **{**KWARGS, "seed": None}, resample="step")
+    resumed.load_state_dict(state)
+    later = plain_loop(model, optimizer, resumed, 5, start=3)
+    assert later == {step: draw for step, draw in reference.items() if step >= state["steps"]}
+
+
+def test_tied_weights_and_user_frozen_layers_are_never_dropped():
+    torch.manual_seed(0)
+    body = [nn.Linear(4, 4) for _ in range(6)]
+    model = nn.Sequential(*body)
+    body[5].weight = body[3].weight  # tied with the last layer, which keep_last keeps
+    body[2].requires_grad_(False)
+    ldb = LayerDropBack(model, (), drop_rate=0.99, keep_first=1, keep_last=1, seed=0)
+    with ldb.epoch(2):
+        assert "2" not in ldb.candidate_layers
+        assert "3" in ldb.dropped_layers
+        assert body[3].weight.requires_grad and not body[3].bias.requires_grad
+    assert not body[2].weight.requires_grad  # still the user's
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"drop_rate": 1.0}, ValueError, r"`drop_rate` must be in \[0.0, 1.0\), got 1.0"),
+        ({"every": 0}, ValueError, r"`every` must be an int >= 1, got 0"),
+        ({"resample": "batch"}, ValueError, r"`resample` must be one of \['epoch', 'step'\]"),
+        ({"branches": {"a": []}}, ValueError, r"`branches` is used by backward='block' only"),
+        ({"keep_first": 20}, ValueError, r"found no candidate layer"),
+    ],
+)
+def test_bad_arguments_fail_like_the_callbacks(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        LayerDropBack(new_model(), (), **kwargs)
+
+
+def test_a_non_optimizer_is_refused_naming_the_argument():
+    with pytest.raises(TypeError, match=r"`optimizers` must be a torch.optim.Optimizer"):
+        LayerDropBack(new_model(), ["sgd"])
