@@ -56,20 +56,18 @@ class _Fit:
 
     engine: LayerDropBack
     adapter: StrategyAdapter
-    undo: UndoList
-    timer: EpochTimer = field(default_factory=EpochTimer)
+    undo: UndoList  # closes the engine and the adapter too
     reloader: Optional[TrainLoaderReloader] = None
+    timer: EpochTimer = field(default_factory=EpochTimer)
 
     @property
     def batch_scaling_active(self) -> bool:
         return self.reloader is not None
 
     def close(self) -> None:
-        """Restore every flag and learning rate, let go of wrappers, undo the list. Local only (no collective)."""
-        try:
-            self.engine.close()
-        finally:
-            self.undo.close()
+        """Undo the list: the engine restores every flag and learning rate, the adapter lets go of its wrappers, every
+        setting goes back. Local only (no collective)."""
+        self.undo.close()
 
 
 class LayerDropBackCallback(Callback):
@@ -200,16 +198,15 @@ class LayerDropBackCallback(Callback):
         if stage != "fit":
             return
         self._close_fit()  # a fit that died without teardown
-        undo = UndoList()
-        try:
+        # All or nothing: whatever step fails, what the earlier ones changed is undone.
+        with UndoList() as undo:
             adapter = adapter_for(trainer.strategy, self.resample, self.communication)
+            undo.callback(adapter.close)
             adapter.setup(trainer, pl_module, undo)  # before the strategy wraps the model
             engine = LayerDropBack(pl_module, (), **self._engine_arguments(), sync=StrategySync(trainer, adapter))
-            fit = _Fit(engine, adapter, undo)
-            fit.reloader = _attach_batch_schedule(trainer, pl_module, self.every, self.batch_scale, undo)
-        except BaseException:
-            undo.close()  # a refused setup leaves the strategy and the data source as they were
-            raise
+            undo.callback(engine.close)
+            reloader = _attach_batch_schedule(trainer, pl_module, self.every, self.batch_scale, undo)
+            fit = _Fit(engine, adapter, undo.pop_all(), reloader=reloader)  # set up: the fit owns the undo list now
         self._fit = fit
         if fit.batch_scaling_active:
             composition.warn_if_step_checkpoints(trainer, self.batch_scale)

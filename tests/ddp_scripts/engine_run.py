@@ -82,7 +82,7 @@ def run_fabric(out: Path, resample: str) -> None:
     fabric.launch()
     torch.manual_seed(0)
     model = TinyMLP()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)  # every kept one moves
     model, optimizer = fabric.setup(model, optimizer)
     ldb = LayerDropBack(model, optimizer, **LDB_KWARGS, resample=resample, fabric=fabric)
 
@@ -97,7 +97,7 @@ def ddp_worker(rank: int, out: Path, resample: str, find_unused: bool) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.manual_seed(0)
     model = torch.nn.parallel.DistributedDataParallel(TinyMLP(), find_unused_parameters=find_unused)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)  # every kept one moves
     ldb = LayerDropBack(model, optimizer, **LDB_KWARGS, resample=resample)
     data = make_dataset(64)
 
