@@ -11,14 +11,20 @@ import shutil
 from pathlib import Path
 
 import pytest
+import test_resume
 import torch
 from test_resume import run
+
+from lightning_ldb import LayerDropBackCallback
 
 DATA = Path(__file__).resolve().parent / "data" / "release_0_1_0"
 
 
 @pytest.mark.parametrize(("resample", "setup"), [("epoch", "batch_scaling"), ("step", "own_loader")])
-def test_a_release_checkpoint_resumes_to_the_releases_uninterrupted_run(tmp_path, resample, setup):
+def test_a_release_checkpoint_resumes_to_the_releases_uninterrupted_run(tmp_path, monkeypatch, resample, setup):
+    # Resumed with seed=None, so that the draws continue from the checkpoint's seed (7), not from the argument.
+    monkeypatch.setattr(test_resume, "LayerDropBackCallback", lambda **kw: LayerDropBackCallback(**{**kw, "seed": None}))
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
     checkpoint = tmp_path / "release.ckpt"
     shutil.copy(DATA / f"{resample}-{setup}.ckpt", checkpoint)
     reference = torch.load(DATA / f"{resample}-{setup}-reference.pt", weights_only=False)
