@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional, Union
 
 from torch import nn
 
-from lightning_ldb.layers import Layer, _matches
+from lightning_ldb.layers import Layer, _matches, split_kept
 
 
 @dataclass(frozen=True)
@@ -369,7 +369,8 @@ def branch_from_names(model: nn.Module, entry: str, members: Sequence[str] = ())
 def kept_layers(layers: Sequence[Layer], keep_first: int, keep_last: int) -> list[Layer]:
     """The layers ``keep_first``/``keep_last`` keep: exactly those weights mode never drops for them.
 
-    The complement of the middle slice :func:`~lightning_ldb.layers.select_candidates` takes.
+    The complement of the middle slice :func:`~lightning_ldb.layers.select_candidates` takes (layers marked
+    ``observed=False`` are not counted, see :func:`~lightning_ldb.layers.split_kept`).
 
     Example::
 
@@ -378,8 +379,7 @@ def kept_layers(layers: Sequence[Layer], keep_first: int, keep_last: int) -> lis
         >>> [layer.name for layer in kept_layers(discover_layers(model), keep_first=2, keep_last=1)]
         ['0', '1', '4']
     """
-    end = max(keep_first, len(layers) - keep_last)
-    return list(layers[:keep_first]) + list(layers[end:])
+    return split_kept(layers, keep_first, keep_last)[0]
 
 
 def select_branch_candidates(
