@@ -6,13 +6,14 @@ Each check reads, never writes, the trainer's state, and warns once on rank 0.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_ldb import _compat
-from lightning_ldb.layers import Layer
+from lightning_ldb.layers import Layer, split_kept
 from lightning_ldb.schedule import is_drop_epoch
 
 
@@ -74,6 +75,47 @@ def warn_if_all_droppable(pl_module: LightningModule, candidates: Sequence[Layer
         f" drops all {n} of them with probability drop_rate**{n} = {drop_rate**n:.2g} (per DROP epoch, or"
         " per step with resample='step'). The loss then has no gradient and training fails. Keep a layer"
         " trained: keep_first >= 1 or keep_last >= 1, or `exclude` one."
+    )
+
+
+def warn_nothing_to_drop(epoch: int, layers: Sequence[Layer], settings: Any, batch_scaled: bool) -> None:
+    """Warn that DROP epoch ``epoch`` has no candidate, naming why and what still applies.
+
+    Args:
+        epoch: The DROP epoch.
+        layers: The layers in data-flow order (trainable or not, as they are at this draw).
+        settings: The run's :class:`~lightning_ldb.run.RunSettings`.
+        batch_scaled: Whether DROP epochs load ``batch_scale`` times larger batches.
+    """
+    # With a frozen backbone (a linear probe, the epochs before ``BackboneFinetuning`` unfreezes) every DROP
+    # epoch is like this, yet the LR (and batch) scaling still apply: a user must not find that out from a curve.
+    s = settings
+    trainable = [layer for layer in layers if layer.trainable]
+    _, rest = split_kept(trainable, s.keep_first, s.keep_last)
+    if not trainable:
+        why = "no layer is trainable"
+    elif not rest:
+        why = (
+            f"all {len(trainable)} trainable layer(s) are kept by keep_first={s.keep_first}/keep_last={s.keep_last}"
+            " (a frozen backbone: a linear probe, or the epochs before BackboneFinetuning unfreezes it)"
+        )
+    elif s.backward == "block":
+        why = (
+            "every trainable residual branch holds a layer kept by keep_first/keep_last or is filtered out by"
+            f" include={s.include!r} / exclude={s.exclude!r}"
+        )
+    else:
+        why = (
+            f"the {len(rest)} trainable layer(s) keep_first={s.keep_first}/keep_last={s.keep_last} leave are all"
+            f" filtered out by include={s.include!r} / exclude={s.exclude!r}"
+        )
+    applies = f"the learning rate x lr_scale={s.lr_scale}"
+    if batch_scaled:
+        applies += f" and the batch x batch_scale={s.batch_scale}"
+    rank_zero_warn(
+        f"LayerDropBackCallback: DROP epoch {epoch} has no layer to drop: {why}. It still trains with {applies}."
+        " keep_first/keep_last count the trainable layers, in the order the data flows through them. If this is"
+        " not what you want, lower keep_first/keep_last or widen include/exclude; warned once per fit."
     )
 
 

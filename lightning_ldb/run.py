@@ -90,6 +90,7 @@ class LDBRun:
         self._dropped_fractions: list[float] = []
         self._dropped_parameters: list[Any] = []
         self._reloader: Optional[TrainLoaderReloader] = None
+        self._warned_nothing_to_drop = False
 
         communication = requested_communication(settings.communication)
         self.adapter = strategies.adapter_for(trainer.strategy, settings.resample, communication)
@@ -323,6 +324,9 @@ class LDBRun:
         self.freezer.restore()  # what is trainable now is what the user and other callbacks left trainable
         self.detacher.restore()
         candidates = self._trainable_candidates()
+        if not candidates and not self._warned_nothing_to_drop:
+            self._warned_nothing_to_drop = True
+            compatibility.warn_nothing_to_drop(key[0], self._ordered, self.settings, self.batch_scaling_active)
         flags = draw_dropped(len(candidates), self.settings.drop_rate, self.seed, *key)
         dropped = tuple(layer for layer, drop in zip(candidates, flags) if drop)
         # A parameter shared with a layer that is always trained (kept first/last, excluded) is never dropped.
