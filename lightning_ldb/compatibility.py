@@ -10,9 +10,10 @@ from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_ldb import _compat
+from lightning_ldb.branches import Branch, describe_branches, unrecognised_blocks
 from lightning_ldb.layers import Layer, split_kept
 from lightning_ldb.schedule import is_drop_epoch
 
@@ -145,4 +146,31 @@ def warn_if_compiled(pl_module: LightningModule, candidates: Sequence[Layer]) ->
         " resample='step'); beyond torch._dynamo.config.recompile_limit such sets run uncompiled. Training stays"
         " correct. To keep the speed, compile only layers LDB never drops (see `include`/`exclude`), or raise"
         " the recompile limit."
+    )
+
+
+def report_branches(pl_module: LightningModule, settings: Any, branches: Sequence[Branch]) -> None:
+    """Block mode: say which blocks were recognised (info), and warn about blocks that look known but are not."""
+    if settings.backward != "block":
+        return
+    rank_zero_info(f"LayerDropBackCallback: block mode: {describe_branches(pl_module, branches, settings.branches)}.")
+    note = unrecognised_note(pl_module, settings.branches)
+    if note:
+        rank_zero_warn(
+            f"LayerDropBackCallback(backward='block'):{note} None of their layers is dropped: only branches are."
+        )
+
+
+def unrecognised_note(pl_module: LightningModule, spec: Any) -> str:
+    """A sentence naming the blocks the built-in rules nearly recognise (empty if none, or with ``branches=``)."""
+    if spec is not None:
+        return ""
+    missed = unrecognised_blocks(pl_module)
+    if not missed:
+        return ""
+    more = f" and {len(missed) - 3} more" if len(missed) > 3 else ""
+    return (
+        f" {len(missed)} block(s) look like ones the built-in rules know but are not recognised: "
+        f"{', '.join(missed[:3])}{more}. A rule needs every module it names and the library's own class; name"
+        " these blocks' branches with `branches=` (see docs/block-mode.md)."
     )

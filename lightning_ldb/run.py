@@ -125,6 +125,7 @@ class LDBRun:
     def on_fit_start(self, pl_module: LightningModule) -> None:
         self._module = pl_module
         self._find_layers(pl_module)
+        compatibility.report_branches(pl_module, self.settings, self.branches)
         compatibility.warn_if_compiled(pl_module, self.candidates)
         compatibility.warn_if_all_droppable(pl_module, self.candidates, self.settings.drop_rate)
 
@@ -249,6 +250,7 @@ class LDBRun:
                 " recognises torchvision ResNet and Swin blocks, timm ViT blocks and Hugging Face GPT-2, BERT and"
                 " Llama-style layers. Name your model's branches with `branches=` (e.g. {'blocks.*.norm1': ['attn']},"
                 " see docs/block-mode.md), or use backward='weights'."
+                + compatibility.unrecognised_note(pl_module, s.branches)
             )
         if not select_branch_candidates(self.branches, self._ordered, s.keep_first, s.keep_last, s.include, s.exclude):
             raise ValueError(
