@@ -206,7 +206,8 @@ class RunOrderRecorder:
     ``nn.MultiheadAttention``'s ``out_proj``, Swin's ``attn.qkv``, an ``nn.ParameterList`` or a parameter of
     the LightningModule are placed where the data meets them, and a head whose weight is tied to the
     embedding where the head runs. Uses after the first ``backward`` (the optimizer's update, a re-computation
-    for activation checkpointing) do not count. A module that neither runs nor has a parameter used is not in
+    for activation checkpointing), and uses under ``torch.no_grad`` outside every module's forward (another
+    callback's weight averaging), do not count. A module that neither runs nor has a parameter used is not in
     the order.
 
     Example::
@@ -254,6 +255,8 @@ class RunOrderRecorder:
         return record
 
     def _used(self, owners: Sequence[str]) -> None:
+        if not self._active and not torch.is_grad_enabled():
+            return  # outside the model and without autograd: another callback's bookkeeping (an EMA update)
         time = self._tick()
         for name in owners:
             self._uses.setdefault(name, time)

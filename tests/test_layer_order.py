@@ -254,3 +254,13 @@ def test_a_dropped_weight_normed_linear_is_dropped_whole():
             assert len(names) == 3
             still = [name in moved.still[epoch] for name in names]
             assert all(still) or not any(still), (epoch, names, moved.still[epoch])
+
+
+def test_bookkeeping_outside_the_model_without_autograd_does_not_place_parameters():
+    model = Transformer()
+    recorder = RunOrderRecorder(model)
+    with torch.no_grad():  # an EMA callback's update at the batch start
+        averaged = [p.detach().clone().mul_(0.9).add_(p) for p in model.parameters()]
+    model(torch.randn(2, 5, 4)).sum().backward()
+    order = recorder.stop()
+    assert averaged and order.index("embed") < order.index("encoder.layers.0.self_attn.out_proj") < order.index("head")
