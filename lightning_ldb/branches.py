@@ -8,8 +8,11 @@ reaches every earlier layer through ``skip``.
 
 Branches are found by built-in rules for known blocks (each checked against the block's real
 ``forward``), or named by the user with ``branches=`` (see :func:`discover_branches`). A rule matches
-the class that defines the block's ``forward`` (so a subclass that keeps ``forward`` matches, one that
-overrides it does not) plus the child modules the rule needs; ``transformers``, ``timm`` and
+the class that defines the block's ``forward``, by name and defining module (so a subclass that keeps
+``forward`` matches, one that overrides it does not, and a copy of the class elsewhere, such as Hugging
+Face remote code, does not), and only if the block has every module the rule names: a block that lacks
+one (a Mixtral layer whose MoE is ``block_sparse_moe``, not ``mlp``) is not recognised rather than cut into
+half a branch (:func:`unrecognised_blocks` lists such near misses). ``transformers``, ``timm`` and
 ``torchvision`` are never imported here.
 
 This module is LDB's pure core: torch and the standard library only.
@@ -17,14 +20,14 @@ This module is LDB's pure core: torch and the standard library only.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, Callable, Optional, Union
 
 from torch import nn
 
-from lightning_ldb.layers import Layer, _matches
+from lightning_ldb.layers import Layer, _matches, split_kept
 
 
 @dataclass(frozen=True)
@@ -56,17 +59,19 @@ class Branch:
 class _Rule:
     """A built-in rule: blocks whose ``forward`` is defined by one of ``classes`` hold these branches.
 
-    ``classes`` are ``(module prefix, class name)`` pairs; ``branches`` are ``(entry, members)`` with
-    names relative to the block, the entry first among the members.
+    ``classes`` are ``(defining module, class name)`` pairs; ``branches`` are ``(entry, members)`` with
+    names relative to the block, the entry first among the members; a block must have every one of them.
     """
 
     classes: tuple[tuple[str, str], ...]
     branches: tuple[tuple[str, ...], ...]
 
 
-def _hf(*names: str) -> tuple[tuple[str, str], ...]:
-    # Hugging Face classes are matched by name in any module: remote-code copies live outside ``transformers``.
-    return tuple(("", name) for name in names)
+def _hf(*classes: tuple[str, str]) -> tuple[tuple[str, str], ...]:
+    # ``(model type, class)``: defined in ``transformers.models.<type>.modeling_<type>``. A remote-code copy of
+    # a class (``trust_remote_code``) may differ from the transformers one in anything, so it is not matched:
+    # its user names its branches with ``branches=``.
+    return tuple((f"transformers.models.{kind}.modeling_{kind}", name) for kind, name in classes)
 
 
 # Each rule below was checked against the installed source of its block's ``forward``:
@@ -105,27 +110,28 @@ _RULES: tuple[_Rule, ...] = (
     ),
     # h = attn(ln_1(x)) + x; h = mlp(ln_2(h)) + h. The optional cross-attention branch is left out:
     # it also reads encoder_hidden_states, which its entry does not see, so detaching would not prune it.
-    _Rule(_hf("GPT2Block"), (("ln_1", "attn"), ("ln_2", "mlp"))),
+    _Rule(_hf(("gpt2", "GPT2Block")), (("ln_1", "attn"), ("ln_2", "mlp"))),
     # Post-norm: a = LayerNorm(dense(self(x)) + x); y = LayerNorm(dense(intermediate(a)) + a). The
     # LayerNorms see the sum, so they are not in the branch.
     _Rule(
-        _hf("BertLayer", "RobertaLayer", "XLMRobertaLayer"),
+        _hf(("bert", "BertLayer"), ("roberta", "RobertaLayer"), ("xlm_roberta", "XLMRobertaLayer")),
         (("attention.self", "attention.output.dense"), ("intermediate", "output.dense")),
     ),
-    # h = x + self_attn(input_layernorm(x)); y = h + mlp(post_attention_layernorm(h)). Only classes whose
+    # h = x + self_attn(input_layernorm(x)); y = h + mlp(post_attention_layernorm(h)) (transformers 5.x: the MoE
+    # of Mixtral and Qwen2-MoE is ``mlp`` too; 4.x's ``block_sparse_moe`` is not matched). Only classes whose
     # forward is exactly Llama's are listed: look-alikes such as Gemma2/3 or Chameleon's Swin layer put
     # the norms elsewhere, and a wrong rule would silently change the gradients.
     _Rule(
         _hf(
-            "LlamaDecoderLayer",
-            "MistralDecoderLayer",
-            "MixtralDecoderLayer",
-            "Qwen2DecoderLayer",
-            "Qwen2MoeDecoderLayer",
-            "Qwen3DecoderLayer",
-            "GemmaDecoderLayer",
-            "OlmoDecoderLayer",
-            "Phi3DecoderLayer",
+            ("llama", "LlamaDecoderLayer"),
+            ("mistral", "MistralDecoderLayer"),
+            ("mixtral", "MixtralDecoderLayer"),
+            ("qwen2", "Qwen2DecoderLayer"),
+            ("qwen2_moe", "Qwen2MoeDecoderLayer"),
+            ("qwen3", "Qwen3DecoderLayer"),
+            ("gemma", "GemmaDecoderLayer"),
+            ("olmo", "OlmoDecoderLayer"),
+            ("phi3", "Phi3DecoderLayer"),
         ),
         (("input_layernorm", "self_attn"), ("post_attention_layernorm", "mlp")),
     ),
@@ -144,14 +150,32 @@ def _forward_owner(module: nn.Module) -> Optional[type]:
 
 
 def _rule_for(module: nn.Module) -> Optional[_Rule]:
+    """The rule of the class defining ``module``'s ``forward`` (matched by name and module), if any."""
     owner = _forward_owner(module)
     if owner is None:
         return None
     for rule in _RULES:
-        for prefix, name in rule.classes:
-            if owner.__name__ == name and owner.__module__.startswith(prefix):
-                return rule
+        if (owner.__module__, owner.__name__) in rule.classes:
+            return rule
     return None
+
+
+def _missing_members(module: nn.Module, rule: _Rule) -> list[str]:
+    return [name for branch in rule.branches for name in branch if _submodule(module, name) is None]
+
+
+def _matched_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module, _Rule]]:
+    """The blocks the built-in rules recognise, outermost only: their own descendants are not searched again."""
+    inside: Optional[str] = None
+    for name, module in model.named_modules():
+        if inside is not None and (name == inside or name.startswith(inside + ".") or inside == ""):
+            continue
+        inside = None
+        rule = _rule_for(module)
+        if rule is None or _missing_members(module, rule):
+            continue
+        yield name, module, rule
+        inside = name
 
 
 def _submodule(root: nn.Module, relative: str) -> Optional[nn.Module]:
@@ -183,24 +207,86 @@ def _make_branch(
 
 def _builtin_branches(model: nn.Module, positions: Mapping[str, int]) -> list[Branch]:
     found = []
-    inside: Optional[str] = None  # a matched block's own descendants are not searched again
+    for name, module, rule in _matched_blocks(model):
+        for relative in rule.branches:
+            qualified = [_join(name, r) for r in relative]
+            found.append(_make_branch(model, qualified[0], qualified, positions))
+    return found
+
+
+def unrecognised_blocks(model: nn.Module) -> list[str]:
+    """Blocks that look like ones the built-in rules know, but are not recognised, each with the reason.
+
+    Either the class is a recognised one but the block lacks a module its rule needs (so no branch of it is
+    built: half a branch would cut the input gradient of the part left out while its weights still train), or
+    a class of a recognised name is defined outside the library the rule was checked on (Hugging Face
+    remote code). Name such blocks' branches with ``branches=``.
+
+    Example::
+
+        >>> class GPT2Block(nn.Module):  # a copy, defined here rather than in transformers
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.ln_1, self.attn = nn.LayerNorm(2), nn.Linear(2, 2)
+        ...     def forward(self, x):
+        ...         return x + self.attn(self.ln_1(x))
+        >>> [reason] = unrecognised_blocks(nn.Sequential(GPT2Block()))
+        >>> reason.endswith("not transformers.models.gpt2.modeling_gpt2)")
+        True
+    """
+    known = {name: module for rule in _RULES for module, name in rule.classes}
+    found = []
     for name, module in model.named_modules():
-        if inside is not None and (name == inside or name.startswith(inside + ".") or inside == ""):
+        owner = _forward_owner(module)
+        if owner is None or owner.__name__ not in known:
             continue
-        inside = None
         rule = _rule_for(module)
         if rule is None:
-            continue
-        for relative in rule.branches:
-            # A member a configuration leaves out (timm's ls1 without layer scale is an Identity,
-            # but a block built without some member) is skipped; the entry must exist.
-            present = [r for r in relative if _submodule(module, r) is not None]
-            if relative[0] not in present:
-                continue
-            qualified = [_join(name, r) for r in present]
-            found.append(_make_branch(model, qualified[0], qualified, positions))
-        inside = name
+            found.append(f"{name!r} ({owner.__name__}, defined in {owner.__module__}, not {known[owner.__name__]})")
+        elif _missing_members(module, rule):
+            missing = ", ".join(repr(m) for m in _missing_members(module, rule))
+            found.append(f"{name!r} ({owner.__name__} without {missing})")
     return found
+
+
+def unrecognised_note(model: nn.Module, spec: BranchesSpec) -> str:
+    """A sentence naming the blocks the built-in rules nearly recognise (empty if none, or with ``branches=``)."""
+    if spec is not None:
+        return ""
+    missed = unrecognised_blocks(model)
+    if not missed:
+        return ""
+    more = f" and {len(missed) - 3} more" if len(missed) > 3 else ""
+    return (
+        f" {len(missed)} block(s) look like ones the built-in rules know but are not recognised: "
+        f"{', '.join(missed[:3])}{more}. A rule needs every module it names and the library's own class; name"
+        " these blocks' branches with `branches=` (see docs/block-mode.md)."
+    )
+
+
+def describe_branches(model: nn.Module, branches: Sequence[Branch], spec: BranchesSpec = None) -> str:
+    """One line saying which blocks block mode recognised, e.g. ``"24 branches in 12 GPT2Block"``.
+
+    Example::
+
+        >>> class Residual(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.norm, self.fc = nn.LayerNorm(4), nn.Linear(4, 4)
+        ...     def forward(self, x):
+        ...         return x + self.fc(self.norm(x))
+        >>> model = nn.Sequential(Residual(), Residual())
+        >>> describe_branches(model, discover_branches(model, {"*.norm": ["fc"]}), {"*.norm": ["fc"]})
+        '2 branches named by `branches=`'
+    """
+    if spec is not None:
+        return f"{len(branches)} branches named by `branches=`"
+    counts: dict[str, list[int]] = {}  # class name -> [blocks, branches]
+    for name, module, _ in _matched_blocks(model):
+        entry = counts.setdefault(_forward_owner(module).__name__, [0, 0])
+        entry[0] += 1
+        entry[1] += sum(1 for branch in branches if name == "" or branch.name.startswith(f"{name}."))
+    return ", ".join(f"{n} branches in {blocks} {cls}" for cls, (blocks, n) in counts.items()) or "no branches"
 
 
 def _spec_error(spec: Any, problem: str, fix: str) -> ValueError:
@@ -366,7 +452,8 @@ def branch_from_names(model: nn.Module, entry: str, members: Sequence[str] = ())
 def kept_layers(layers: Sequence[Layer], keep_first: int, keep_last: int) -> list[Layer]:
     """The layers ``keep_first``/``keep_last`` keep: exactly those weights mode never drops for them.
 
-    The complement of the middle slice :func:`~lightning_ldb.layers.select_candidates` takes.
+    The complement of the middle slice :func:`~lightning_ldb.layers.select_candidates` takes (layers marked
+    ``observed=False`` are not counted, see :func:`~lightning_ldb.layers.split_kept`).
 
     Example::
 
@@ -375,8 +462,7 @@ def kept_layers(layers: Sequence[Layer], keep_first: int, keep_last: int) -> lis
         >>> [layer.name for layer in kept_layers(discover_layers(model), keep_first=2, keep_last=1)]
         ['0', '1', '4']
     """
-    end = max(keep_first, len(layers) - keep_last)
-    return list(layers[:keep_first]) + list(layers[end:])
+    return split_kept(layers, keep_first, keep_last)[0]
 
 
 def select_branch_candidates(

@@ -92,8 +92,12 @@ class LayerDropBackCallback(Callback):
         lr_scale: Learning-rate factor ``kappa`` on DROP epochs, ``> 0``.
         batch_scale: Batch-size factor on DROP epochs, an int ``>= 1``; honoured by
             :class:`~lightning_ldb.LDBDataModuleMixin`.
-        keep_first: The first ``keep_first`` layers of the network are never dropped.
-        keep_last: The last ``keep_last`` layers of the network are never dropped.
+        keep_first: The first ``keep_first`` layers are never dropped. ``keep_first`` and ``keep_last`` count
+            the layers trainable at each draw, in the order the data flows through them on the first training
+            step (a module is placed where its parameters are first used); layers that took no part in that
+            step (a validation-only module, an auxiliary head not run) are never counted. A DROP epoch with
+            no candidate left (a frozen backbone) warns once per fit; its LR and batch are still scaled.
+        keep_last: The last ``keep_last`` layers are never dropped (the head, with ``keep_last=1``).
         resample: ``"epoch"`` (the paper): one draw per DROP epoch. ``"step"`` (the authors' code): a
             new draw before every optimizer step; the micro-batches of one accumulated step share it.
         seed: Seed of LDB's private generator. ``None`` takes, at the start of each fit, the seed last
@@ -206,6 +210,7 @@ class LayerDropBackCallback(Callback):
             engine = LayerDropBack(pl_module, (), **self._engine_arguments(), sync=StrategySync(trainer, adapter))
             undo.callback(engine.close)
             reloader = _attach_batch_schedule(trainer, pl_module, self.every, self.batch_scale, undo)
+            engine.batch_scaled = reloader is not None
             fit = _Fit(engine, adapter, undo.pop_all(), reloader=reloader)  # set up: the fit owns the undo list now
         self._fit = fit
         if fit.batch_scaling_active:
@@ -214,6 +219,7 @@ class LayerDropBackCallback(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         engine = self._require_fit().engine
         engine.discover()  # modules made in ``configure_model`` exist now
+        composition.report_branches(pl_module, self, getattr(engine.units, "branches", ()))
         composition.warn_if_compiled(pl_module, engine.candidates)
         composition.warn_if_all_droppable(pl_module, engine.candidates, self.drop_rate)
 

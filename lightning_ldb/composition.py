@@ -7,12 +7,14 @@ Each check reads, never writes, the trainer's state, and warns once on rank 0.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_ldb import _compat
+from lightning_ldb.branches import Branch, describe_branches, unrecognised_note
 from lightning_ldb.schedule import is_drop_epoch
 from lightning_ldb.units import Unit
 
@@ -105,3 +107,15 @@ def warn_if_compiled(pl_module: LightningModule, candidates: Sequence[Unit]) -> 
         " correct. To keep the speed, compile only layers LDB never drops (see `include`/`exclude`), or raise"
         " the recompile limit."
     )
+
+
+def report_branches(pl_module: LightningModule, settings: Any, branches: Sequence[Branch]) -> None:
+    """Block mode: say which blocks were recognised (info), and warn about blocks that look known but are not."""
+    if settings.backward != "block":
+        return
+    rank_zero_info(f"LayerDropBackCallback: block mode: {describe_branches(pl_module, branches, settings.branches)}.")
+    note = unrecognised_note(pl_module, settings.branches)
+    if note:
+        rank_zero_warn(
+            f"LayerDropBackCallback(backward='block'):{note} None of their layers is dropped: only branches are."
+        )

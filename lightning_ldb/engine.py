@@ -187,6 +187,10 @@ class LayerDropBack:
         self._fractions: list[float] = []
         self._recorder: Optional[RunOrderRecorder] = None
         self._driving = False  # inside ``epoch()``: the engine redraws and records by itself
+        self._warned_nothing_to_drop = False
+        #: Whether DROP epochs load ``batch_scale`` times larger batches (said in warnings): set by the callback
+        #: when its data source is a mixin, and by :meth:`batch_size` when a loop asks for a DROP epoch's size.
+        self.batch_scaled = False
         self._stepped = False
         self.seed = self._resolve_seed()
         if any(True for _ in self.module.parameters()):
@@ -214,7 +218,9 @@ class LayerDropBack:
         """The training batch size of ``epoch``: ``base * batch_scale`` on DROP epochs, else ``base``."""
         check_int("base", base, minimum=1)
         check_int("epoch", epoch, minimum=0)
-        return BatchSchedule(self.settings.every, self.settings.batch_scale).batch_size(epoch, base)
+        size = BatchSchedule(self.settings.every, self.settings.batch_scale).batch_size(epoch, base)
+        self.batch_scaled = self.batch_scaled or size != base
+        return size
 
     # ------------------------------------------------------------------ the plain loop
     @contextmanager
@@ -279,6 +285,9 @@ class LayerDropBack:
         self.units.release()  # what is trainable now is what the user (and other callbacks) left trainable
         self.sync.before_draw()
         candidates = self.units.candidates()
+        if not candidates and not self._warned_nothing_to_drop:
+            self._warned_nothing_to_drop = True
+            self._warn_nothing_to_drop(epoch)
         flags = draw_dropped(len(candidates), self.settings.drop_rate, self.seed, epoch, step)
         dropped = tuple(unit for unit, drop in zip(candidates, flags) if drop)
         frozen, droppable = self.units.drop(dropped, candidates)
@@ -355,6 +364,20 @@ class LayerDropBack:
                 seed = fresh_seed()
                 _log.info("LayerDropBack: no `seed` and no `seed_everything`; drawing with seed %d.", seed)
         return int(self.sync.broadcast(seed))  # one seed for all ranks, whatever each process was seeded with
+
+    def _warn_nothing_to_drop(self, epoch: int) -> None:
+        # With a frozen backbone (a linear probe, the epochs before ``BackboneFinetuning`` unfreezes) every DROP
+        # epoch is like this, yet the LR (and batch) scaling still apply: a user must not find that out from a curve.
+        s = self.settings
+        applies = f"the learning rate x lr_scale={s.lr_scale}"
+        if self.batch_scaled:
+            applies += f" and the batch x batch_scale={s.batch_scale}"
+        warn_on_rank_zero(
+            f"LayerDropBack: DROP epoch {epoch} has no layer to drop: {self.units.why_no_candidates()}. It still"
+            f" trains with {applies}. keep_first/keep_last count the trainable layers, in the order the data flows"
+            " through them. If this is not what you want, lower keep_first/keep_last or widen include/exclude;"
+            " warned once."
+        )
 
     def _release(self) -> None:
         if self._draw_key is None and not self.freezer.frozen:

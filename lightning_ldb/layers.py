@@ -3,30 +3,40 @@
 A *layer* is either a module that directly owns parameters (``granularity="module"``, the paper's
 reading) or a single parameter tensor (``granularity="parameter"``, the authors' published code).
 :func:`discover_layers` lists them in registration (``named_modules()``) order; :func:`order_layers`
-puts them in the order in which they run, as observed on a training step, since "first" and "last"
-mean first and last to run. A parameter shared by several modules (tied weights) belongs to each of
-their layers. Parameters of lazy modules that are not materialised yet belong to no layer.
+puts them in the order the data flows through them, as observed on a training step
+(:class:`RunOrderRecorder`), since "first" and "last" mean first and last on the data path. A parameter
+shared by several modules (tied weights) belongs to each of their layers. Parameters of lazy modules that
+are not materialised yet belong to no layer. A module with parametrizations
+(``torch.nn.utils.parametrize``, e.g. ``weight_norm``) is one layer with the parametrizations' tensors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
-from typing import Optional
+from typing import Any, Optional
 
+import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
+from torch.nn.utils import parametrize
+from torch.overrides import TorchFunctionMode
 
 GRANULARITIES = ("module", "parameter")
 
 
 @dataclass(frozen=True)
 class Layer:
-    """One droppable unit: a name and the parameters it owns."""
+    """One droppable unit: a name and the parameters it owns.
+
+    ``observed`` is ``False`` for a layer that took no part in the training step the order was observed on
+    (see :func:`order_layers`); ``keep_first``/``keep_last`` do not count such layers.
+    """
 
     name: str
     parameters: tuple[nn.Parameter, ...]
+    observed: bool = field(default=True, compare=False)
 
     @property
     def numel(self) -> int:
@@ -69,33 +79,87 @@ def discover_layers(model: nn.Module, granularity: str = "module") -> list[Layer
         ['0.weight', '0.bias', '2.weight', '2.bias']
     """
     if granularity == "parameter":
-        return [Layer(name, (param,)) for name, param in model.named_parameters() if not is_lazy(param)]
+        return _parameter_layers(model)
     layers = []
+    inside: list[str] = []  # the ``parametrizations`` containers of parametrized modules: part of their owner's layer
     for name, module in model.named_modules():  # a module used twice is one layer
-        owned = tuple(param for param in module.parameters(recurse=False) if not is_lazy(param))
+        if any(name == prefix or name.startswith(f"{prefix}.") for prefix in inside):
+            continue
+        owned = list(module.parameters(recurse=False))
+        if parametrize.is_parametrized(module):
+            # ``weight_norm`` moves ``weight`` into ``parametrizations.weight.original0/1``: the module computes one
+            # weight from them, so they and the module's other parameters are one layer, dropped together.
+            inside.append(_join(name, "parametrizations"))
+            owned += list(module.parametrizations.parameters())
+        owned = [param for param in dict.fromkeys(owned) if not is_lazy(param)]
         if owned:
-            layers.append(Layer(name, owned))
+            layers.append(Layer(name, tuple(owned)))
     return layers
 
 
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _parameter_layers(model: nn.Module) -> list[Layer]:
+    # A parametrized tensor (``lin.weight`` under ``weight_norm``) is one parameter as the module sees it, stored
+    # as ``lin.parametrizations.weight.original0/1``: one layer named ``lin.weight``.
+    groups: dict[str, list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if is_lazy(param):
+            continue
+        owner, marker, rest = f".{name}".rpartition(".parametrizations.")
+        if marker:  # ``<owner>.parametrizations.<tensor>.original...``
+            name = _join(owner[1:], rest.partition(".")[0])
+        groups.setdefault(name, []).append(param)
+    return [Layer(name, tuple(params)) for name, params in groups.items()]
+
+
 def order_layers(layers: Sequence[Layer], run_order: Sequence[str], granularity: str = "module") -> list[Layer]:
-    """``layers`` in the order their modules first ran; layers never seen running keep registration order, last.
+    """``layers`` in the order the data flows through them, as :class:`RunOrderRecorder` observed it.
+
+    A layer takes the place of its module in ``run_order``. A layer whose module is not in it took no part in
+    the observed step (a module used only in validation, an MoE expert not routed to, an auxiliary head not run
+    on that step): it comes last, in registration order, marked ``observed=False``, so that ``keep_first`` and
+    ``keep_last`` (:func:`split_kept`) count only layers on the data path and always keep the real head. With
+    no ``run_order`` (not observed yet), ``layers`` stay in registration order, all counted.
 
     Args:
         layers: The layers, in registration order.
-        run_order: Qualified module names in the order of their first forward call on a training step.
+        run_order: Qualified module names in the order they took part in a training step.
         granularity: The granularity ``layers`` were discovered with.
 
     Example::
 
         >>> head_first = [Layer("head", ()), Layer("body", ()), Layer("unused", ())]
-        >>> [layer.name for layer in order_layers(head_first, ["body", "head"])]
-        ['body', 'head', 'unused']
+        >>> [(layer.name, layer.observed) for layer in order_layers(head_first, ["body", "head"])]
+        [('body', True), ('head', True), ('unused', False)]
     """
+    if not run_order:
+        return list(layers)
     rank = {name: index for index, name in enumerate(run_order)}
-    unseen = len(rank)
-    positions = {id(layer): (rank.get(module_of(layer.name, granularity), unseen), i) for i, layer in enumerate(layers)}
-    return sorted(layers, key=lambda layer: positions[id(layer)])
+    seen = [layer for layer in layers if module_of(layer.name, granularity) in rank]
+    seen.sort(key=lambda layer: rank[module_of(layer.name, granularity)])  # stable: a module's layers in order
+    unseen = [replace(layer, observed=False) for layer in layers if module_of(layer.name, granularity) not in rank]
+    return seen + unseen
+
+
+def split_kept(layers: Sequence[Layer], keep_first: int, keep_last: int) -> tuple[list[Layer], list[Layer]]:
+    """``(kept, rest)``: the first ``keep_first`` and last ``keep_last`` observed layers, and the others.
+
+    Layers marked ``observed=False`` (see :func:`order_layers`) are never kept by the counts: they are in ``rest``.
+
+    Example::
+
+        >>> layers = [Layer("a", ()), Layer("b", ()), Layer("c", ()), Layer("unused", (), observed=False)]
+        >>> [[layer.name for layer in part] for part in split_kept(layers, 1, 1)]
+        [['a', 'c'], ['b', 'unused']]
+    """
+    observed = [layer for layer in layers if layer.observed]
+    end = max(keep_first, len(observed) - keep_last)
+    kept_ids = {id(layer) for layer in observed[:keep_first] + observed[end:]}
+    kept = [layer for layer in layers if id(layer) in kept_ids]
+    return kept, [layer for layer in layers if id(layer) not in kept_ids]
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -111,10 +175,11 @@ def select_candidates(
 ) -> list[Layer]:
     """The layers that may be dropped.
 
-    The first ``keep_first`` and last ``keep_last`` layers of the whole network are always trained
-    (the paper keeps the first four and the last one). Of the rest, a layer is a candidate if its
-    name matches one of ``include`` (all match when ``include`` is None) and none of ``exclude``
-    (shell-style patterns, as in :func:`fnmatch.fnmatchcase`).
+    The first ``keep_first`` and last ``keep_last`` layers of ``layers`` are always trained (the paper
+    keeps the first four and the last one); layers marked ``observed=False`` are not counted
+    (:func:`split_kept`). Of the rest, a layer is a candidate if its name matches one of ``include`` (all
+    match when ``include`` is None) and none of ``exclude`` (shell-style patterns, as in
+    :func:`fnmatch.fnmatchcase`).
 
     Example::
 
@@ -124,7 +189,7 @@ def select_candidates(
         >>> [layer.name for layer in select_candidates(discover_layers(model), 0, 0, exclude=["[0-3]"])]
         ['4', '5']
     """
-    middle = list(layers[keep_first : max(keep_first, len(layers) - keep_last)])
+    _, middle = split_kept(layers, keep_first, keep_last)
     return [
         layer
         for layer in middle
@@ -133,7 +198,17 @@ def select_candidates(
 
 
 class RunOrderRecorder:
-    """Records the order in which ``model``'s modules first run, through forward pre-hooks, until :meth:`stop`.
+    """Records the order in which ``model``'s modules take part in a step, until :meth:`stop`.
+
+    A module is placed where its forward first uses one of its own parameters; if it does not, where its
+    forward first runs (forward pre-hooks); if its forward never runs, where an operation first uses one of its
+    parameters (a :class:`~torch.overrides.TorchFunctionMode` sees every torch operation). So
+    ``nn.MultiheadAttention``'s ``out_proj``, Swin's ``attn.qkv``, an ``nn.ParameterList`` or a parameter of
+    the LightningModule are placed where the data meets them, and a head whose weight is tied to the
+    embedding where the head runs. Uses after the first ``backward`` (the optimizer's update, a re-computation
+    for activation checkpointing), and uses under ``torch.no_grad`` outside every module's forward (another
+    callback's weight averaging), do not count. A module that neither runs nor has a parameter used is not in
+    the order.
 
     Example::
 
@@ -146,21 +221,97 @@ class RunOrderRecorder:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self._order: dict[str, None] = {}
-        self._handles = [
-            module.register_forward_pre_hook(self._recorder(name))
-            for name, module in model.named_modules(remove_duplicate=False)
-        ]
+        # Module name -> the event count at its first run, first use of its parameters inside its own forward, and
+        # first use of its parameters anywhere: one clock for all three.
+        self._events = 0
+        self._runs: dict[str, int] = {}
+        self._own_uses: dict[str, int] = {}
+        self._uses: dict[str, int] = {}
+        self._active: dict[str, int] = {}  # modules whose forward is running (a module may call itself)
+        self._owners: dict[int, list[str]] = {}
+        self._handles = []
+        for name, module in model.named_modules(remove_duplicate=False):
+            for param in module.parameters(recurse=False):
+                self._owners.setdefault(id(param), []).append(name)
+            self._handles.append(module.register_forward_pre_hook(self._entered(name)))
+            self._handles.append(module.register_forward_hook(self._left(name), always_call=True))
+        self._mode: Optional[_ParameterUses] = _ParameterUses(self._owners, self._used)
+        self._mode.__enter__()
 
-    def _recorder(self, name: str):  # noqa: ANN202
+    def _entered(self, name: str):  # noqa: ANN202
         def record(module: nn.Module, args: object) -> None:
-            self._order.setdefault(name, None)
+            self._runs.setdefault(name, self._tick())
+            self._active[name] = self._active.get(name, 0) + 1
 
         return record
 
+    def _left(self, name: str):  # noqa: ANN202
+        def record(module: nn.Module, args: object, output: object) -> None:
+            if self._active.get(name, 0) > 1:
+                self._active[name] -= 1
+            else:
+                self._active.pop(name, None)
+
+        return record
+
+    def _used(self, owners: Sequence[str]) -> None:
+        if not self._active and not torch.is_grad_enabled():
+            return  # outside the model and without autograd: another callback's bookkeeping (an EMA update)
+        time = self._tick()
+        for name in owners:
+            self._uses.setdefault(name, time)
+            if name in self._active:
+                self._own_uses.setdefault(name, time)
+
+    def _tick(self) -> int:
+        self._events += 1
+        return self._events
+
     def stop(self) -> list[str]:
-        """Remove the hooks; return the module names in the order they first ran."""
+        """Remove the hooks; return the module names in the order they took part."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        return list(self._order)
+        if self._mode is not None:
+            # Pushed in ``__init__`` and popped here: modes a step enters in between are left by then.
+            mode, self._mode = self._mode, None
+            mode.__exit__(None, None, None)
+        times = {**self._uses, **self._runs, **self._own_uses}
+        return sorted(times, key=times.__getitem__)
+
+
+#: Torch functions that start a backward pass: parameter uses after them are not the forward's.
+_BACKWARD_FUNCTIONS = (torch.Tensor.backward, torch.autograd.backward)
+
+
+class _ParameterUses(TorchFunctionMode):
+    """Calls ``on_use(owner module names)`` for each parameter of ``owners`` an operation uses, until a backward."""
+
+    def __init__(self, owners: dict[int, list[str]], on_use: Any) -> None:
+        super().__init__()
+        self.owners = owners
+        self.on_use = on_use
+        self.recording = True
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _BACKWARD_FUNCTIONS:
+            self.recording = False
+        result = func(*args, **kwargs)
+        # Only operations that compute a tensor use the parameter's values (``.shape`` or ``.dtype`` do not).
+        if self.recording and any(isinstance(value, torch.Tensor) for value in _flatten(result)):
+            for value in _flatten((args, kwargs)):
+                if isinstance(value, nn.Parameter) and id(value) in self.owners:
+                    self.on_use(self.owners[id(value)])
+        return result
+
+
+def _flatten(value: Any) -> Iterator[Any]:
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _flatten(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _flatten(item)
+    else:
+        yield value

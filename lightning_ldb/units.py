@@ -23,10 +23,10 @@ from typing import Any, Optional, Protocol
 from torch import nn
 from torch.nn.parameter import is_lazy
 
-from lightning_ldb.branches import Branch, BranchesSpec, discover_branches, select_branch_candidates
+from lightning_ldb.branches import Branch, BranchesSpec, discover_branches, select_branch_candidates, unrecognised_note
 from lightning_ldb.detaching import BranchInputDetacher
 from lightning_ldb.freezing import ParameterFreezer
-from lightning_ldb.layers import Layer, discover_layers, order_layers, select_candidates
+from lightning_ldb.layers import Layer, discover_layers, order_layers, select_candidates, split_kept
 
 
 class Unit(Protocol):
@@ -57,6 +57,9 @@ class Units(Protocol):
 
     def release(self) -> None:
         """Undo every drop exactly: parameters trainable again, hooks removed."""
+
+    def why_no_candidates(self) -> str:
+        """Why :meth:`candidates` is empty now, for the nothing-to-drop warning."""
 
 
 class _UnitsBase:
@@ -98,6 +101,22 @@ class _UnitsBase:
         self.freezer.freeze(frozen)
         return frozen, droppable
 
+    def why_no_candidates(self) -> str:
+        trainable = self._trainable_layers()
+        _, rest = split_kept(trainable, self.keep_first, self.keep_last)
+        if not trainable:
+            return "no layer is trainable"
+        if not rest:
+            return (
+                f"all {len(trainable)} trainable layer(s) are kept by keep_first={self.keep_first}/"
+                f"keep_last={self.keep_last} (a frozen backbone: a linear probe, or the epochs before"
+                " BackboneFinetuning unfreezes it)"
+            )
+        return self._why_filtered(rest)
+
+    def _why_filtered(self, rest: Sequence[Layer]) -> str:
+        raise NotImplementedError
+
     def _trainable_layers(self) -> list[Layer]:
         # keep_first/keep_last count the layers trainable now, in run order.
         return [layer for layer in self.ordered if layer.trainable]
@@ -126,6 +145,12 @@ class LayerUnits(_UnitsBase):
                 f" exclude={self.exclude!r} filter the rest. Lower `keep_first`/`keep_last`, widen the patterns, or"
                 " use granularity='parameter'."
             )
+
+    def _why_filtered(self, rest: Sequence[Layer]) -> str:
+        return (
+            f"the {len(rest)} trainable layer(s) keep_first={self.keep_first}/keep_last={self.keep_last} leave are"
+            f" all filtered out by include={self.include!r} / exclude={self.exclude!r}"
+        )
 
     def _always_trained(self, candidates: Sequence[Any]) -> set[int]:
         candidate_ids = {id(layer) for layer in candidates}
@@ -171,7 +196,7 @@ class BranchUnits(_UnitsBase):
                 f"LayerDropBack(backward='block') found no residual branch in {type(model).__name__}: it"
                 " recognises torchvision ResNet and Swin blocks, timm ViT blocks and Hugging Face GPT-2, BERT and"
                 " Llama-style layers. Name your model's branches with `branches=` (e.g. {'blocks.*.norm1': ['attn']},"
-                " see docs/block-mode.md), or use backward='weights'."
+                " see docs/block-mode.md), or use backward='weights'." + unrecognised_note(model, self.spec)
             )
         if not select_branch_candidates(
             self.branches, self.ordered, self.keep_first, self.keep_last, self.include, self.exclude
@@ -182,6 +207,12 @@ class BranchUnits(_UnitsBase):
                 f"keep_last={self.keep_last} or is filtered out by include={self.include!r} / exclude={self.exclude!r}."
                 " Lower `keep_first`/`keep_last` or widen the patterns."
             )
+
+    def _why_filtered(self, rest: Sequence[Layer]) -> str:
+        return (
+            "every trainable residual branch holds a layer kept by keep_first/keep_last or is filtered out by"
+            f" include={self.include!r} / exclude={self.exclude!r}"
+        )
 
     def _always_trained(self, candidates: Sequence[Any]) -> set[int]:
         in_branches = {id(p) for branch in candidates for p in branch.parameters}
