@@ -352,3 +352,14 @@ def test_cli_takes_batch_scaling(capsys):
     )
     (callback,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("LayerDropBackCallback")]
     assert callback["init_args"]["batch_scaling"] == "accumulate"
+
+
+def test_accumulation_composes_with_gradient_accumulation_scheduler():
+    # The scheduler writes its value at each epoch start; LDB multiplies whatever value the epoch starts with.
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    log = LoopLog()
+    scheduler = GradientAccumulationScheduler({0: 1, 3: 2})
+    trainer = make_trainer(5, [LayerDropBackCallback(seed=0, batch_scaling="accumulate"), scheduler, log])
+    trainer.fit(TinyMLP(batch_size=4, n=48))
+    assert log.accumulate == {0: {1}, 1: {1}, 2: {2}, 3: {2}, 4: {4}}
