@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import random
 
 import lightning
@@ -11,6 +13,7 @@ import torch
 from helpers import OneCycleMLP, TinyDataModule, TinyMLP, make_dataset, make_trainer
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import CombinedLoader
 from torch import nn
 from torch.utils.data import DataLoader
@@ -363,3 +366,51 @@ def test_accumulation_composes_with_gradient_accumulation_scheduler():
     trainer = make_trainer(5, [LayerDropBackCallback(seed=0, batch_scaling="accumulate"), scheduler, log])
     trainer.fit(TinyMLP(batch_size=4, n=48))
     assert log.accumulate == {0: {1}, 1: {1}, 2: {2}, 3: {2}, 4: {4}}
+
+
+class CountingDDP(DDPStrategy):
+    """Counts the micro-batches whose backward skips DDP's all-reduce (``no_sync``), per epoch."""
+
+    def __init__(self) -> None:
+        super().__init__(start_method="spawn")
+        self.unsynced: dict[int, int] = {}
+
+    @contextlib.contextmanager
+    def block_backward_sync(self):
+        epoch = self.lightning_module.trainer.current_epoch
+        self.unsynced[epoch] = self.unsynced.get(epoch, 0) + 1
+        with super().block_backward_sync():
+            yield
+
+
+class RecordRank(Callback):
+    def __init__(self, path) -> None:
+        self.path = path
+        self.epochs = LoopLog()
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.epochs.on_train_epoch_start(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.epochs.on_train_epoch_end(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        record = {
+            "steps": self.epochs.steps,
+            "unsynced": trainer.strategy.unsynced,
+            "weights": [p.detach().tolist() for p in pl_module.parameters()],
+        }
+        (self.path / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+@pytest.mark.timeout(240)
+def test_drop_epoch_all_reduces_once_per_step_under_ddp_spawn(tmp_path):
+    ldb = LayerDropBackCallback(seed=0, drop_rate=0.5, batch_scaling="accumulate")
+    trainer = make_trainer(3, [ldb, RecordRank(tmp_path)], strategy=CountingDDP(), devices=2)
+    trainer.fit(TinyMLP(batch_size=4, n=64))  # 32 samples per rank: 8 micro-batches per epoch
+    records = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for record in records:
+        assert record["steps"] == {"0": 8, "1": 8, "2": 4}
+        # Full epochs all-reduce every batch; the DROP epoch skips it on the first micro-batch of each step.
+        assert record["unsynced"] == {"2": 4}
+    assert records[0]["weights"] == records[1]["weights"]  # every step's gradient was all-reduced
