@@ -193,7 +193,8 @@ class LayerDropBackCallback(Callback):
         return is_drop_epoch(epoch, self.every)
 
     def batch_size_for_epoch(self, epoch: int, base: int) -> int:
-        """The training batch size of ``epoch``: ``base * batch_scale`` on DROP epochs, else ``base``."""
+        """The loader's batch size of ``epoch``: ``base * batch_scale`` on DROP epochs, else ``base`` (always ``base`` with
+        ``batch_scaling="accumulate"``, which accumulates ``batch_scale`` times more batches instead)."""
         return self.batch_schedule.batch_size(epoch, base)
 
     # ------------------------------------------------------------------ setup and teardown

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import sys
 
 import lightning
 import pytest
@@ -340,9 +341,11 @@ def test_batch_scaling_is_in_the_checkpoint_config():
         LayerDropBackCallback(seed=0).load_state_dict(ldb.state_dict())
 
 
-def test_cli_takes_batch_scaling(capsys):
+def test_cli_takes_batch_scaling(monkeypatch, capsys):
     pytest.importorskip("jsonargparse")
     from test_cli import print_config
+
+    monkeypatch.setattr(sys, "argv", ["ldb"])  # LightningCLI warns about pytest's own arguments otherwise
 
     config = print_config(
         [
