@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
@@ -24,10 +24,16 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_ldb import _compat, composition
 from lightning_ldb._checks import check_choice
-from lightning_ldb.datamodule import LDBDataModuleMixin, TrainLoaderReloader, attach_batch_schedule
+from lightning_ldb.datamodule import (
+    GradientAccumulationScaler,
+    LDBDataModuleMixin,
+    TrainLoaderReloader,
+    attach_batch_schedule,
+    schedule_for,
+)
 from lightning_ldb.ddp import COMMUNICATION_METHODS
 from lightning_ldb.engine import LayerDropBack, Settings
-from lightning_ldb.schedule import DROP, FULL, BatchSchedule
+from lightning_ldb.schedule import BATCH_SCALINGS, DROP, FULL
 from lightning_ldb.strategies import StrategyAdapter, StrategySync, adapter_for
 from lightning_ldb.timing import EpochTimer
 from lightning_ldb.undo import UndoList
@@ -38,6 +44,7 @@ _CONFIG_KEYS = (
     "every",
     "lr_scale",
     "batch_scale",
+    "batch_scaling",
     "keep_first",
     "keep_last",
     "resample",
@@ -57,12 +64,15 @@ class _Fit:
     engine: LayerDropBack
     adapter: StrategyAdapter
     undo: UndoList  # closes the engine and the adapter too
-    reloader: Optional[TrainLoaderReloader] = None
+    #: What changes the batch between epochs: the train-loader reload (``batch_scaling="loader"`` with the mixin),
+    #: or the accumulation (``"accumulate"``).
+    reloader: Optional[Union[TrainLoaderReloader, GradientAccumulationScaler]] = None
     timer: EpochTimer = field(default_factory=EpochTimer)
 
     @property
     def batch_scaling_active(self) -> bool:
-        return self.reloader is not None
+        """Whether DROP epochs load larger batches (the mixin's loader reload)."""
+        return isinstance(self.reloader, TrainLoaderReloader)
 
     def close(self) -> None:
         """Undo the list: the engine restores every flag and learning rate, the adapter lets go of its wrappers, every
@@ -78,8 +88,9 @@ class LayerDropBackCallback(Callback):
     so autograd skips their weight gradient and no optimizer moves them. The forward pass, and with it
     BatchNorm's running statistics, is unchanged. Every optimizer steps with ``lr * lr_scale`` during
     DROP epochs (applied inside ``optimizer.step()``, so schedulers, ``LearningRateMonitor`` and
-    checkpoints see the unscaled schedule), and a DataModule using
-    :class:`~lightning_ldb.LDBDataModuleMixin` serves batches ``batch_scale`` times larger.
+    checkpoints see the unscaled schedule), and the batch is ``batch_scale`` times larger: a DataModule
+    using :class:`~lightning_ldb.LDBDataModuleMixin` serves larger batches, or (``batch_scaling="accumulate"``)
+    each optimizer step accumulates ``batch_scale`` times more micro-batches.
 
     The callback is the Trainer's adapter over :class:`~lightning_ldb.LayerDropBack`, which does the dropping: it
     creates one engine per fit and drives it from the Trainer's hooks, and it wires what only the Trainer has (the
@@ -90,8 +101,14 @@ class LayerDropBackCallback(Callback):
             ``0`` drops nothing (LR and batch scaling still apply).
         every: DROP-epoch period ``s``: epochs ``s, 2s, 3s, ...`` are DROP epochs.
         lr_scale: Learning-rate factor ``kappa`` on DROP epochs, ``> 0``.
-        batch_scale: Batch-size factor on DROP epochs, an int ``>= 1``; honoured by
-            :class:`~lightning_ldb.LDBDataModuleMixin`.
+        batch_scale: Batch-size factor on DROP epochs, an int ``>= 1``.
+        batch_scaling: How DROP epochs get the larger batch. ``"loader"``: the train loader serves batches
+            ``batch_scale`` times larger (needs :class:`~lightning_ldb.LDBDataModuleMixin`); an integer
+            ``limit_train_batches`` or ``val_check_interval`` is divided by ``batch_scale`` on DROP epochs.
+            ``"accumulate"``: batches keep their size and ``accumulate_grad_batches`` (yours, multiplied) is
+            ``batch_scale`` times larger on DROP epochs, so memory stays that of a full epoch while the effective
+            batch, optimizer steps and DDP all-reduces are those of the larger batch (automatic optimization
+            only; no mixin needed).
         keep_first: The first ``keep_first`` layers are never dropped. ``keep_first`` and ``keep_last`` count
             the layers trainable at each draw, in the order the data flows through them on the first training
             step (a module is placed where its parameters are first used); layers that took no part in that
@@ -140,6 +157,7 @@ class LayerDropBackCallback(Callback):
         every: int = 2,
         lr_scale: float = 2.0,
         batch_scale: int = 2,
+        batch_scaling: str = "loader",
         keep_first: int = 4,
         keep_last: int = 1,
         resample: str = "epoch",
@@ -161,6 +179,7 @@ class LayerDropBackCallback(Callback):
         self.keep_first, self.keep_last, self.resample = s.keep_first, s.keep_last, s.resample
         self.granularity, self.include, self.exclude = s.granularity, s.include, s.exclude
         self.backward, self.branches = s.backward, s.branches
+        self.batch_scaling = check_choice("batch_scaling", batch_scaling, BATCH_SCALINGS)
         self.seed_argument: Optional[int] = seed
         self.communication = check_choice("communication", communication, COMMUNICATION_METHODS)
 
@@ -194,7 +213,9 @@ class LayerDropBackCallback(Callback):
 
     @property
     def batch_scaling_active(self) -> bool:
-        """Whether this fit's DROP epochs load ``batch_scale`` times larger batches (the train data source is a mixin)."""
+        """Whether this fit's DROP epochs load ``batch_scale`` times larger batches (the train data source is a mixin).
+
+        ``False`` with ``batch_scaling="accumulate"``, where the loader's batches never change."""
         return self._fit is not None and self._fit.batch_scaling_active
 
     # ------------------------------------------------------------------ setup and teardown
@@ -209,8 +230,8 @@ class LayerDropBackCallback(Callback):
             adapter.setup(trainer, pl_module, undo)  # before the strategy wraps the model
             engine = LayerDropBack(pl_module, (), **self._engine_arguments(), sync=StrategySync(trainer, adapter))
             undo.callback(engine.close)
-            reloader = _attach_batch_schedule(trainer, pl_module, self.every, self.batch_scale, undo)
-            engine.batch_scaled = reloader is not None
+            reloader = _attach_batch_schedule(trainer, pl_module, self.every, self.batch_scale, self.batch_scaling, undo)
+            engine.batch_scaled = isinstance(reloader, TrainLoaderReloader)
             fit = _Fit(engine, adapter, undo.pop_all(), reloader=reloader)  # set up: the fit owns the undo list now
         self._fit = fit
         if fit.batch_scaling_active:
@@ -229,6 +250,7 @@ class LayerDropBackCallback(Callback):
         fit.engine.hook_optimizers(trainer.optimizers, replace=True)
         if fit.reloader is not None:
             fit.reloader.on_train_start(trainer)
+        if fit.batch_scaling_active:
             composition.warn_if_resumed_short_epoch(trainer, self.every)
         fit.engine.start_epoch(trainer.current_epoch)
         fit.timer.start()
@@ -357,13 +379,17 @@ class LayerDropBackCallback(Callback):
 
 
 def _attach_batch_schedule(
-    trainer: Trainer, pl_module: LightningModule, every: int, batch_scale: int, undo: UndoList
-) -> Optional[TrainLoaderReloader]:
-    """Hand the fit's batch schedule to the object that supplies the train loader; its reloader, if it is a mixin."""
+    trainer: Trainer, pl_module: LightningModule, every: int, batch_scale: int, scaling: str, undo: UndoList
+) -> Optional[Union[TrainLoaderReloader, GradientAccumulationScaler]]:
+    """Hand the fit's batch schedule to what changes the batch: the train loader's source if it is a mixin, or (with
+    ``batch_scaling="accumulate"``) the trainer's accumulation."""
     if batch_scale == 1:
         return None
+    schedule = schedule_for(trainer, every, batch_scale, scaling)
+    if scaling == "accumulate":  # no mixin: the loader keeps its batches, Lightning accumulates them
+        composition.check_accumulate_scaling(pl_module, batch_scale)
+        return GradientAccumulationScaler(trainer, schedule, undo)
     source = _compat.train_data_source(trainer)
-    schedule = BatchSchedule(every, batch_scale, trainer.limit_train_batches)
     if attach_batch_schedule(source, schedule, undo):
         return TrainLoaderReloader(trainer, schedule, undo)
     mixins = [obj for obj in (trainer.datamodule, pl_module) if isinstance(obj, LDBDataModuleMixin)]

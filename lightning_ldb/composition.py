@@ -119,3 +119,20 @@ def report_branches(pl_module: LightningModule, settings: Any, branches: Sequenc
         rank_zero_warn(
             f"LayerDropBackCallback(backward='block'):{note} None of their layers is dropped: only branches are."
         )
+
+
+def check_accumulate_scaling(pl_module: LightningModule, batch_scale: int) -> None:
+    """Refuse ``batch_scaling="accumulate"`` where Lightning does not accumulate: manual optimization.
+
+    Raises:
+        ValueError: If the LightningModule uses manual optimization.
+    """
+    # Lightning ignores ``accumulate_grad_batches`` under manual optimization (it refuses a value != 1 at
+    # fit start, before LDB changes it): the DROP epochs would step every micro-batch with the scaled LR.
+    if not pl_module.automatic_optimization:
+        raise ValueError(
+            f"LayerDropBackCallback(batch_scaling='accumulate', batch_scale={batch_scale}) needs automatic"
+            f" optimization, but {type(pl_module).__name__} sets `automatic_optimization = False`, so Lightning does"
+            " not accumulate gradients. Use batch_scaling='loader' with `LDBDataModuleMixin`, accumulate in your"
+            " `training_step` yourself, or pass batch_scale=1."
+        )
