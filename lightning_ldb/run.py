@@ -22,7 +22,7 @@ from lightning_ldb.branches import Branch, BranchesSpec, discover_branches, sele
 from lightning_ldb.datamodule import LDBDataModuleMixin, TrainLoaderReloader, attach_batch_schedule
 from lightning_ldb.ddp import requested_communication
 from lightning_ldb.detaching import BranchInputDetacher
-from lightning_ldb.freezing import ParameterFreezer
+from lightning_ldb.freezing import ParameterFreezer, refuse_optimizers_that_move_dropped_parameters
 from lightning_ldb.layers import Layer, RunOrderRecorder, discover_layers, order_layers, select_candidates, unique_numel
 from lightning_ldb.lr_scaling import StepLRScaler
 from lightning_ldb.sampling import draw_dropped, fresh_seed, global_seed
@@ -124,6 +124,7 @@ class LDBRun:
     def on_fit_start(self, pl_module: LightningModule) -> None:
         self._module = pl_module
         self._find_layers(pl_module)
+        refuse_optimizers_that_move_dropped_parameters(pl_module.trainer.optimizers)  # exist now: fail before a step
         compatibility.warn_if_compiled(pl_module, self.candidates)
         compatibility.warn_if_all_droppable(pl_module, self.candidates, self.settings.drop_rate)
 

@@ -80,3 +80,115 @@ def test_user_lr_code_sees_and_keeps_the_unscaled_lr_while_the_update_uses_it_sc
         mask = grad.abs() > 1e-6
         assert mask.any()
         torch.testing.assert_close(delta[mask], -(record["written"] * scale) * grad[mask], rtol=1e-4, atol=1e-7)
+
+
+# ---------------------------------------------------------------------- optimizers that move dropped layers
+class LBFGSMLP(TinyMLP):
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps_run = 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        self.steps_run += 1
+        return super().training_step(batch, batch_idx)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.LBFGS(self.parameters(), lr=0.1)
+
+
+def test_lbfgs_is_refused_before_the_first_training_step_with_the_fix():
+    model = LBFGSMLP()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ldb = LayerDropBackCallback(drop_rate=0.5, batch_scale=1, seed=0)
+
+    with pytest.raises(ValueError) as refused:
+        make_trainer(3, [ldb]).fit(model)
+
+    message = str(refused.value)
+    assert "LBFGS (optimizer 0)" in message and "dropped layers would move" in message
+    assert "Use an optimizer that skips parameters without a gradient" in message
+    assert model.steps_run == 0  # refused before any training step
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+schedulefree = pytest.importorskip("schedulefree")
+
+
+class ScheduleFreeMLP(TinyMLP):
+    """AdamWScheduleFree with a warm-up, so that its ``lr_max`` follows the lr step by step."""
+
+    def configure_optimizers(self) -> Any:
+        return schedulefree.AdamWScheduleFree(self.parameters(), lr=0.01, warmup_steps=20)
+
+    def on_train_epoch_start(self) -> None:
+        self.optimizers().optimizer.train()  # schedule-free optimizers step in train mode only
+
+
+def test_schedule_free_state_after_a_drop_epoch_is_the_unscaled_runs(tmp_path):
+    def run(lr_scale: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        model = ScheduleFreeMLP()
+        ldb = LayerDropBackCallback(drop_rate=0.5, every=EVERY, lr_scale=lr_scale, batch_scale=1, seed=0)
+        trainer = make_trainer(EVERY + 1, [ldb])  # ends with the DROP epoch
+        trainer.fit(model)
+        trainer.save_checkpoint(tmp_path / f"scale{lr_scale}.ckpt")
+        checkpoint = torch.load(tmp_path / f"scale{lr_scale}.ckpt", weights_only=False)
+        return trainer.optimizers[0].param_groups, checkpoint["optimizer_states"][0]["param_groups"]
+
+    live, saved = run(LR_SCALE)
+    baseline_live, baseline_saved = run(1.0)
+    for groups, baseline in ((live, baseline_live), (saved, baseline_saved)):
+        for group, expected in zip(groups, baseline):
+            assert group["k"] == expected["k"] > 0
+            for key in ("lr", "lr_max", "scheduled_lr"):
+                assert group[key] == pytest.approx(expected[key], rel=1e-12), key
+
+
+ZERO_SCRIPT = """
+import json, os, sys, torch, torch.distributed as dist
+from torch import nn
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from lightning_ldb.lr_scaling import StepLRScaler
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+dist.init_process_group("gloo", rank=0, world_size=1)
+kept, dropped = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+optimizer = ZeroRedundancyOptimizer([kept, dropped], optimizer_class=torch.optim.SGD, lr=0.1, momentum=0.9)
+scaler = StepLRScaler()
+scaler.attach([optimizer])
+scaler.scale = 2.0
+for step in range(2):
+    dropped.requires_grad_(step == 0)  # trained on the first step, dropped on the second
+    def closure():
+        kept.grad = torch.ones(3)
+        dropped.grad = torch.ones(3) if step == 0 else None
+        return 0.0
+    before_kept, before_dropped = kept.detach().clone(), dropped.detach().clone()
+    optimizer.step(closure=closure)
+    lrs = [optimizer.param_groups[0]["lr"], optimizer.optim.param_groups[0]["lr"]]
+    print(json.dumps([(kept - before_kept).tolist(), (dropped - before_dropped).tolist(), lrs]), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_zero_redundancy_optimizer_gets_the_scaled_lr_after_the_closure_and_never_moves_a_dropped_parameter():
+    # ZeRO copies its groups into its shard optimizer before evaluating the closure: the scale must reach that copy.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from helpers import free_port
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    for name in ("LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE"):
+        env.pop(name, None)
+    result = subprocess.run(
+        [sys.executable, "-c", ZERO_SCRIPT, str(free_port())], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = (json.loads(line) for line in result.stdout.splitlines() if line.startswith("[["))
+    # Momentum 0.9, lr 0.1 x 2: step 0 moves both by 0.2; step 1 moves the kept one by 0.2 * 1.9, not the dropped one.
+    assert first[0] == pytest.approx([-0.2] * 3) and first[1] == pytest.approx([-0.2] * 3)
+    assert second[0] == pytest.approx([-0.38] * 3) and second[1] == [0.0] * 3
+    assert first[2] == second[2] == [0.1, 0.1]  # both copies of the lr put back
