@@ -91,6 +91,15 @@ class LDBRun:
         self._dropped_parameters: list[Any] = []
         self._reloader: Optional[TrainLoaderReloader] = None
 
+        self.adapter: strategies.StrategyAdapter = strategies.NoOpAdapter()
+        try:
+            self._set_up(trainer, pl_module)
+        except BaseException:
+            self.close()  # all or nothing: the callback never gets this run to close, so undo what setup did
+            raise
+
+    def _set_up(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        settings = self.settings
         communication = requested_communication(settings.communication)
         self.adapter = strategies.adapter_for(trainer.strategy, settings.resample, communication)
         self.adapter.setup(trainer, pl_module, self.undo)
