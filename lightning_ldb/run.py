@@ -136,6 +136,9 @@ class LDBRun:
         refuse_optimizers_that_move_dropped_parameters(pl_module.trainer.optimizers)  # exist now: fail before a step
         compatibility.warn_if_compiled(pl_module, self.candidates)
         compatibility.warn_if_all_droppable(pl_module, self.candidates, self.settings.drop_rate)
+        compatibility.warn_if_an_optimizer_can_lose_all_its_layers(
+            pl_module.trainer.optimizers, self.candidates, self.settings.drop_rate
+        )
 
     def on_train_start(self, trainer: Trainer) -> None:
         # Optimizers exist now, and a mid-epoch resume skips ``on_train_epoch_start``, so the epoch's

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import warnings
+
 import pytest
 import torch
-from helpers import TinyMLP, make_trainer
+from helpers import TinyMLP, make_dataset, make_trainer
+from lightning.pytorch import LightningModule
 from torch import nn
+from torch.utils.data import DataLoader
 
 from lightning_ldb import LayerDropBackCallback
 
@@ -192,3 +196,67 @@ def test_zero_redundancy_optimizer_gets_the_scaled_lr_after_the_closure_and_neve
     assert first[0] == pytest.approx([-0.2] * 3) and first[1] == pytest.approx([-0.2] * 3)
     assert second[0] == pytest.approx([-0.38] * 3) and second[1] == [0.0] * 3
     assert first[2] == second[2] == [0.1, 0.1]  # both copies of the lr put back
+
+
+# ---------------------------------------------------------------------- a GAN whose generator can be dropped whole
+class TinyGAN(LightningModule):
+    """A generator of two layers and a discriminator of three, trained with ``toggle_optimizer``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.generator = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8))
+        self.discriminator = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        real, _ = batch
+        opt_g, opt_d = self.optimizers()
+        noise = torch.randn(real.shape[0], 4)
+        self.toggle_optimizer(opt_g)  # freezes the discriminator
+        self.manual_backward(-self.discriminator(self.generator(noise)).mean())
+        opt_g.step()
+        opt_g.zero_grad()
+        self.untoggle_optimizer(opt_g)
+        self.toggle_optimizer(opt_d)
+        fake = self.generator(noise).detach()
+        self.manual_backward(self.discriminator(fake).mean() - self.discriminator(real).mean())
+        opt_d.step()
+        opt_d.zero_grad()
+        self.untoggle_optimizer(opt_d)
+
+    def configure_optimizers(self) -> Any:
+        return [
+            torch.optim.SGD(self.generator.parameters(), lr=0.01),
+            torch.optim.SGD(self.discriminator.parameters(), lr=0.01),
+        ]
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(make_dataset(32), batch_size=8)
+
+
+GAN_LDB = dict(drop_rate=0.9, keep_first=0, keep_last=1, every=1, batch_scale=1, seed=0)
+
+
+def test_a_generator_that_one_draw_can_drop_whole_is_warned_about_at_fit_start_with_the_probability():
+    with pytest.warns(UserWarning, match="one draw can drop every layer an optimizer trains") as warned:
+        make_trainer(1, [LayerDropBackCallback(**GAN_LDB)]).fit(TinyGAN())  # epoch 0 only: no draw yet
+    message = next(str(w.message) for w in warned if "optimizer trains" in str(w.message))
+    assert "optimizer 0 (SGD): all 2 of its layers with probability drop_rate**2 = 0.81" in message
+    assert "toggle_optimizer" in message and "exclude=['generator.2']" in message
+
+
+def test_a_generator_step_without_gradient_says_what_ldb_dropped_and_the_fix():
+    with pytest.raises(RuntimeError, match="does not require grad") as failed, pytest.warns(UserWarning):
+        make_trainer(3, [LayerDropBackCallback(**GAN_LDB)]).fit(TinyGAN())
+    note = "\n".join(getattr(failed.value, "__notes__", []))
+    assert "LayerDropBackCallback had dropped (frozen) generator.0, generator.2" in note
+    assert "toggle_optimizer" in note and "`exclude` it" in note
+
+
+def test_the_fix_trains_the_gan_through_drop_epochs_without_the_warning():
+    model = TinyGAN()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(3, [LayerDropBackCallback(**GAN_LDB, exclude=["generator.2"])]).fit(model)
+    assert not [w for w in caught if "optimizer trains" in str(w.message)]
+    assert model.trainer.current_epoch == 3
