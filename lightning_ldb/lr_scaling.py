@@ -85,7 +85,7 @@ class StepLRScaler:
         self._depth[id(optimizer)] = depth + 1
         if depth:
             return None  # nested: the outer call has done it all
-        closure, args, kwargs = _take_closure(args, kwargs)
+        closure, positional = _find_closure(args, kwargs)
         if closure is None:
             self._prepare_update(optimizer)
             return None
@@ -97,6 +97,8 @@ class StepLRScaler:
             self._prepare_update(optimizer)
             return result
 
+        if positional:  # handed back where it came from: the optimizer may name its argument otherwise
+            return (args[0], scaled_after, *tuple(args)[2:]), kwargs
         return args, {**kwargs, "closure": scaled_after}
 
     def _post_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
@@ -146,14 +148,16 @@ class StepLRScaler:
         )
 
 
-def _take_closure(args: Any, kwargs: Any) -> tuple[Optional[Callable[..., Any]], tuple[Any, ...], dict[str, Any]]:
-    """The closure ``step`` was given (positionally or as ``closure=``), and the other arguments."""
-    args, kwargs = tuple(args), dict(kwargs)
+def _find_closure(args: Any, kwargs: Any) -> tuple[Optional[Callable[..., Any]], bool]:
+    """The closure ``step`` was given (as ``closure=`` or as its first argument after ``self``), and whether positionally.
+
+    The step hooks get ``args`` with the optimizer itself first.
+    """
     if kwargs.get("closure") is not None:
-        return kwargs.pop("closure"), args, kwargs
-    if args and callable(args[0]):
-        return args[0], args[1:], kwargs
-    return None, args, kwargs
+        return kwargs["closure"], False
+    if len(args) > 1 and callable(args[1]):
+        return args[1], True
+    return None, False
 
 
 def _all_groups(optimizer: Optimizer) -> list[dict[str, Any]]:

@@ -260,3 +260,67 @@ def test_the_fix_trains_the_gan_through_drop_epochs_without_the_warning():
         make_trainer(3, [LayerDropBackCallback(**GAN_LDB, exclude=["generator.2"])]).fit(model)
     assert not [w for w in caught if "optimizer trains" in str(w.message)]
     assert model.trainer.current_epoch == 3
+
+
+class PositionalClosureSGD(torch.optim.SGD):
+    """Names its closure argument otherwise: LDB must hand the closure back positionally."""
+
+    def step(self, loss_fn=None):  # type: ignore[override]
+        with torch.enable_grad():
+            loss = loss_fn()
+        self.lr_used = self.param_groups[0]["lr"]
+        super().step()
+        return loss
+
+
+def test_a_closure_given_positionally_is_scaled_after_it_returned_and_handed_back_positionally():
+    from lightning_ldb.lr_scaling import StepLRScaler
+
+    weight = nn.Parameter(torch.ones(2))
+    optimizer = PositionalClosureSGD([weight], lr=0.1)
+    scaler = StepLRScaler()
+    scaler.attach([optimizer])
+    scaler.scale = 3.0
+    seen = []
+
+    def closure():
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.zero_grad()
+        weight.sum().backward()
+        return 1.0
+
+    assert optimizer.step(closure) == 1.0
+    assert seen == [0.1] and optimizer.lr_used == pytest.approx(0.3) and optimizer.param_groups[0]["lr"] == 0.1
+    assert weight.detach().tolist() == pytest.approx([0.7, 0.7])
+
+
+class TwiceEvaluatingSGD(torch.optim.SGD):
+    """Evaluates its closure twice per step (as a line search or SAM does), then updates."""
+
+    def step(self, closure=None):  # type: ignore[override]
+        with torch.enable_grad():
+            closure()
+            loss = closure()
+        self.lr_used = self.param_groups[0]["lr"]
+        super().step()
+        return loss
+
+
+def test_a_re_evaluated_closure_sees_the_unscaled_lr_every_time_and_the_update_the_scaled_one():
+    from lightning_ldb.lr_scaling import StepLRScaler
+
+    weight = nn.Parameter(torch.ones(2))
+    optimizer = TwiceEvaluatingSGD([weight], lr=0.1)
+    scaler = StepLRScaler()
+    scaler.attach([optimizer])
+    scaler.scale = 2.0
+    seen = []
+
+    def closure():
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.zero_grad()
+        weight.sum().backward()
+        return 1.0
+
+    optimizer.step(closure=closure)
+    assert seen == [0.1, 0.1] and optimizer.lr_used == pytest.approx(0.2) and optimizer.param_groups[0]["lr"] == 0.1
