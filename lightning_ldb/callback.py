@@ -33,6 +33,7 @@ from lightning_ldb.datamodule import (
 )
 from lightning_ldb.ddp import COMMUNICATION_METHODS
 from lightning_ldb.engine import LayerDropBack, Settings
+from lightning_ldb.freezing import refuse_optimizers_that_move_dropped_parameters
 from lightning_ldb.schedule import BATCH_SCALINGS, DROP, FULL
 from lightning_ldb.strategies import StrategyAdapter, StrategySync, adapter_for
 from lightning_ldb.timing import EpochTimer
@@ -171,7 +172,7 @@ class LayerDropBackCallback(Callback):
     ) -> None:
         super().__init__()
         # The engine's checks, once here so that a bad argument fails where it is written.
-        s = Settings(
+        s = Settings.checked(
             drop_rate, every, lr_scale, batch_scale, keep_first, keep_last, resample, seed, granularity, include,
             exclude, backward, branches,
         )  # fmt: skip
@@ -240,9 +241,11 @@ class LayerDropBackCallback(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         engine = self._require_fit().engine
         engine.discover()  # modules made in ``configure_model`` exist now
+        refuse_optimizers_that_move_dropped_parameters(trainer.optimizers)  # they exist now: fail before a step
         composition.report_branches(pl_module, self, getattr(engine.units, "branches", ()))
         composition.warn_if_compiled(pl_module, engine.candidates)
         composition.warn_if_all_droppable(pl_module, engine.candidates, self.drop_rate)
+        composition.warn_if_an_optimizer_can_lose_all_its_layers(trainer.optimizers, engine.candidates, self.drop_rate)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Optimizers exist now, and a mid-epoch resume skips ``on_train_epoch_start``, so the epoch is entered here too.
@@ -261,6 +264,8 @@ class LayerDropBackCallback(Callback):
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # Whatever went wrong (KeyboardInterrupt included), leave every flag, lr and setting as the user set them.
+        if self._fit is not None:
+            composition.note_dropped_layers(exception, self._fit.engine.dropped_layers)
         self._close_fit()
 
     # ------------------------------------------------------------------ per epoch and step

@@ -29,7 +29,7 @@ from lightning_ldb import _compat
 from lightning_ldb._checks import check_choice, check_float, check_int, check_patterns
 from lightning_ldb.branches import BranchesSpec
 from lightning_ldb.distributed import Sync, sync_for, warn_on_rank_zero
-from lightning_ldb.freezing import ParameterFreezer
+from lightning_ldb.freezing import ParameterFreezer, refuse_optimizers_that_move_dropped_parameters
 from lightning_ldb.layers import GRANULARITIES, RunOrderRecorder, unique_numel
 from lightning_ldb.lr_scaling import StepLRScaler
 from lightning_ldb.sampling import DrawKey, draw_dropped, fresh_seed, global_seed
@@ -45,11 +45,12 @@ _log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Settings:
-    """LDB's arguments, checked: each error names the argument, the value and the fix.
+    """LDB's arguments; :meth:`checked` checks them: each error names the argument, the value and the fix.
 
     Raises:
-        TypeError: If an argument has the wrong type.
-        ValueError: If an argument is out of range, or ``branches`` is given without ``backward="block"``.
+        TypeError: From :meth:`checked`, if an argument has the wrong type.
+        ValueError: From :meth:`checked`, if an argument is out of range, or ``branches`` is given without
+            ``backward="block"``.
     """
 
     drop_rate: float = 0.3
@@ -66,34 +67,51 @@ class Settings:
     backward: str = "weights"
     branches: BranchesSpec = None
 
-    def __post_init__(self) -> None:
-        checked = {
-            "drop_rate": check_float("drop_rate", self.drop_rate, 0.0, 1.0),
-            "every": check_int("every", self.every, minimum=1),
-            "lr_scale": check_float("lr_scale", self.lr_scale, 0.0, low_inclusive=False),
-            "batch_scale": check_int("batch_scale", self.batch_scale, minimum=1),
-            "keep_first": check_int("keep_first", self.keep_first, minimum=0),
-            "keep_last": check_int("keep_last", self.keep_last, minimum=0),
-            "resample": check_choice("resample", self.resample, RESAMPLE_MODES),
-            "granularity": check_choice("granularity", self.granularity, GRANULARITIES),
-            "include": check_patterns("include", self.include),
-            "exclude": check_patterns("exclude", self.exclude),
-            "backward": check_choice("backward", self.backward, BACKWARD_MODES),
-        }
-        if self.seed is not None:
-            check_int("seed", self.seed, minimum=0)
-        branches = self.branches
+    @classmethod
+    def checked(
+        cls,
+        drop_rate: Any = 0.3,
+        every: Any = 2,
+        lr_scale: Any = 2.0,
+        batch_scale: Any = 2,
+        keep_first: Any = 4,
+        keep_last: Any = 1,
+        resample: Any = "epoch",
+        seed: Any = None,
+        granularity: Any = "module",
+        include: Any = None,
+        exclude: Any = None,
+        backward: Any = "weights",
+        branches: Any = None,
+    ) -> Settings:
+        """The settings, each argument checked (a plain function, so a failed check's traceback is LDB's own)."""
+        if seed is not None:
+            check_int("seed", seed, minimum=0)
         if branches is not None and not (isinstance(branches, Mapping) or callable(branches)):
             raise TypeError(
                 "`branches` must be None (the built-in rules), a mapping {entry pattern: [member names]} (e.g."
                 f" {{'blocks.*.norm1': ['attn']}}) or a callable model -> branches, got {branches!r}."
             )
-        if branches is not None and self.backward != "block":
+        settings = cls(
+            drop_rate=check_float("drop_rate", drop_rate, 0.0, 1.0),
+            every=check_int("every", every, minimum=1),
+            lr_scale=check_float("lr_scale", lr_scale, 0.0, low_inclusive=False),
+            batch_scale=check_int("batch_scale", batch_scale, minimum=1),
+            keep_first=check_int("keep_first", keep_first, minimum=0),
+            keep_last=check_int("keep_last", keep_last, minimum=0),
+            resample=check_choice("resample", resample, RESAMPLE_MODES),
+            seed=seed,
+            granularity=check_choice("granularity", granularity, GRANULARITIES),
+            include=check_patterns("include", include),
+            exclude=check_patterns("exclude", exclude),
+            backward=check_choice("backward", backward, BACKWARD_MODES),
+            branches=branches,
+        )
+        if branches is not None and settings.backward != "block":
             raise ValueError(
-                f"`branches` is used by backward='block' only, got backward={self.backward!r}. Pass backward='block'."
+                f"`branches` is used by backward='block' only, got backward={backward!r}. Pass backward='block'."
             )
-        for name, value in checked.items():
-            object.__setattr__(self, name, value)
+        return settings
 
 
 class LayerDropBack:
@@ -164,7 +182,7 @@ class LayerDropBack:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-        s = self.settings = Settings(
+        s = self.settings = Settings.checked(
             drop_rate, every, lr_scale, batch_scale, keep_first, keep_last, resample, seed, granularity, include,
             exclude, backward, branches,
         )  # fmt: skip
@@ -258,6 +276,7 @@ class LayerDropBack:
     def hook_optimizers(self, optimizers: Iterable[Any], replace: bool = False) -> None:
         """Scale these optimizers' ``step()`` on DROP epochs (``replace``: forget the ones hooked before)."""
         optimizers = [_unwrap_optimizer(o) for o in optimizers]
+        refuse_optimizers_that_move_dropped_parameters(optimizers)
         if replace:
             self.lr.attach(optimizers)
         else:
