@@ -77,7 +77,7 @@ class LDBRun:
         self.timer = EpochTimer()
         self.layers: list[Layer] = []  # registration order
         self.branches: list[Branch] = []  # residual branches (``backward="block"``)
-        #: Module names in the order they first ran on a training step (``None``: not observed yet).
+        #: Module names in the order they took part in a training step, see ``RunOrderRecorder`` (``None``: not yet).
         self.run_order: Optional[list[str]] = None
         self.candidates: list[Any] = []  # layers, or branches in block mode
         self.mode = FULL
