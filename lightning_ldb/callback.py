@@ -10,6 +10,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_ldb import compatibility
 from lightning_ldb._checks import check_choice, check_float, check_int, check_patterns
 from lightning_ldb.ddp import COMMUNICATION_METHODS
 from lightning_ldb.layers import GRANULARITIES
@@ -207,6 +208,8 @@ class LayerDropBackCallback(Callback):
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # Whatever went wrong (KeyboardInterrupt included), leave every flag, lr and setting as the user set them.
+        if self._run is not None:
+            compatibility.note_dropped_layers(exception, self._run.dropped_names)
         self._close_run()
 
     # ------------------------------------------------------------------ per epoch and step

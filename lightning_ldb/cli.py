@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dis
 import importlib
 import importlib.util
 import logging
 import os
 import re
 import sys
-import traceback
 import warnings
 from collections.abc import Iterator
+from types import TracebackType
 from typing import Any, NoReturn, Optional
 
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -166,16 +167,52 @@ def _in_jsonargparse(filename: str) -> bool:
     return f"{os.sep}jsonargparse{os.sep}" in filename
 
 
-def _raised_by_init(error: BaseException) -> Optional[type]:
-    """The class whose ``__init__`` raised ``error`` (below jsonargparse's or Lightning's call), or ``None``."""
-    frames = [frame for frame, _ in traceback.walk_tb(error.__traceback__)]
-    if not frames or _in_jsonargparse(frames[-1].f_code.co_filename):
+def _raised_by_init(error: BaseException) -> Optional[tuple[type, bool]]:
+    """The class whose ``__init__`` raised ``error``, and whether as a check of its arguments; or ``None``.
+
+    A check of the arguments is a ``raise`` statement in the ``__init__`` of a class the command instantiates
+    (below jsonargparse's or Lightning's call), or in code it calls from its own file, LDB or Lightning (their
+    argument checks). Anything else, e.g. a ``TypeError`` from calling ``nn.Linear(width)`` without
+    ``out_features``, or an error raised inside torch, is a bug in that code.
+    """
+    entries = list(_traceback_entries(error))
+    if not entries or _in_jsonargparse(entries[-1].tb_frame.f_code.co_filename):
         return None  # jsonargparse's own complaint (a wrapper), not the class's
-    for frame in frames:
+    for index, entry in enumerate(entries):
+        frame = entry.tb_frame
         if frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
             if not _in_jsonargparse(frame.f_code.co_filename):
-                return type(frame.f_locals["self"])
+                own_file = frame.f_code.co_filename
+                checked = _is_raise_statement(entries[-1]) and all(
+                    e.tb_frame.f_code.co_filename == own_file or _in_checking_library(e.tb_frame.f_code.co_filename)
+                    for e in entries[index:]
+                )
+                return type(frame.f_locals["self"]), checked
     return None
+
+
+def _traceback_entries(error: BaseException) -> Iterator[TracebackType]:
+    entry = error.__traceback__
+    while entry is not None:
+        yield entry
+        entry = entry.tb_next
+
+
+def _is_raise_statement(entry: TracebackType) -> bool:
+    """Whether the traceback entry stopped at a ``raise`` statement (not at a call that failed)."""
+    return any(
+        instruction.offset == entry.tb_lasti and instruction.opname == "RAISE_VARARGS"
+        for instruction in dis.get_instructions(entry.tb_frame.f_code)
+    )
+
+
+def _in_checking_library(filename: str) -> bool:
+    """Whether ``filename`` is in LDB or Lightning, whose errors from an ``__init__`` are argument checks."""
+    import lightning
+
+    roots = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(lightning.__file__)))
+    path = os.path.abspath(filename)
+    return any(path.startswith(root + os.sep) for root in roots)
 
 
 def _import_class_path(class_path: Any) -> Any:
@@ -230,10 +267,12 @@ class LDBCLI(LightningCLI):
 
     Quiet unless ``verbose``: Lightning's INFO messages and tips, the model summary (its FLOP
     columns read 0 for models without an example input) and third-party deprecation warnings are
-    hidden while the command runs. A ``ValueError`` or ``TypeError`` raised by the ``__init__`` of a
-    class the command instantiates (a callback, the model, the data, the trainer) is reported in
-    two lines naming the argument, the class and the class's own message, and the command exits
-    with status 2, like a parse error.
+    hidden while the command runs. A ``ValueError`` or ``TypeError`` that the ``__init__`` of a
+    class the command instantiates (a callback, the model, the data, the trainer) raises as a check
+    of its arguments (a ``raise`` statement in it, or in the argument checks of LDB or Lightning) is
+    reported in two lines naming the argument, the class and the class's own message, and the
+    command exits with status 2, like a parse error. Any other error in that code (a bug, such as
+    ``nn.Linear(width)`` missing an argument) keeps its traceback.
 
     Args:
         args: Command-line arguments (a list of strings, or a dict/Namespace config); ``None`` reads
@@ -287,10 +326,14 @@ class LDBCLI(LightningCLI):
         except (ValueError, TypeError) as error:
             if self.verbose:
                 raise
-            origin = next(((e, cls) for e in _chain(error) if (cls := _raised_by_init(e)) is not None), None)
+            origin = next(((e, found) for e in _chain(error) if (found := _raised_by_init(e)) is not None), None)
             if origin is None:
                 raise
-            self._exit_with(*origin)
+            raised, (cls, checked) = origin
+            if not checked:
+                # A bug in the class's code: its own error and traceback, without jsonargparse's wrapper around it.
+                raise raised.with_traceback(raised.__traceback__) from None
+            self._exit_with(raised, cls)
 
     def _exit_with(self, error: BaseException, cls: type) -> NoReturn:
         """Report the ``__init__`` error of ``cls`` as a command-line error: two lines, exit status 2."""

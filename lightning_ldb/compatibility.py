@@ -11,6 +11,7 @@ from typing import Any
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.optim import Optimizer
 
 from lightning_ldb import _compat
 from lightning_ldb.branches import Branch, describe_branches, unrecognised_blocks
@@ -117,6 +118,58 @@ def warn_nothing_to_drop(epoch: int, layers: Sequence[Layer], settings: Any, bat
         f"LayerDropBackCallback: DROP epoch {epoch} has no layer to drop: {why}. It still trains with {applies}."
         " keep_first/keep_last count the trainable layers, in the order the data flows through them. If this is"
         " not what you want, lower keep_first/keep_last or widen include/exclude; warned once per fit."
+    )
+
+
+def warn_if_an_optimizer_can_lose_all_its_layers(
+    optimizers: Sequence[Optimizer], candidates: Sequence[Layer], drop_rate: float
+) -> None:
+    """Warn when, with several optimizers, one draw can drop every layer one optimizer trains.
+
+    Args:
+        optimizers: The trainer's optimizers.
+        candidates: The layers a draw is over, in network order.
+        drop_rate: The callback's ``drop_rate``.
+    """
+    # That optimizer then trains nothing for the draw, and a loss whose only trainable inputs are its layers
+    # (a GAN's generator step under ``toggle_optimizer``, which freezes the other optimizers' parameters) has no
+    # gradient: backward fails with torch's "element 0 of tensors does not require grad". With one optimizer,
+    # ``warn_if_all_droppable`` covers it.
+    if drop_rate == 0.0 or len(optimizers) < 2:
+        return
+    found = []
+    for index, optimizer in enumerate(optimizers):
+        trainable = {id(p) for group in optimizer.param_groups for p in group["params"] if p.requires_grad}
+        holding = [layer for layer in candidates if any(id(p) in trainable for p in layer.parameters)]
+        covered = {id(p) for layer in holding for p in layer.parameters}
+        if trainable and trainable <= covered:
+            found.append((index, optimizer, holding))
+    if not found:
+        return
+    what = "; ".join(
+        f"optimizer {index} ({type(optimizer).__name__}): all {len(holding)} of its layers with probability"
+        f" drop_rate**{len(holding)} = {drop_rate ** len(holding):.2g}"
+        for index, optimizer, holding in found
+    )
+    last = found[0][2][-1].name
+    rank_zero_warn(
+        f"LayerDropBackCallback: one draw can drop every layer an optimizer trains ({what}; per DROP epoch, or per"
+        " step with resample='step'). That optimizer then trains nothing until the draw ends, and a loss whose only"
+        " trainable inputs are those layers (a GAN's generator step under toggle_optimizer) has no gradient:"
+        " backward fails with 'element 0 of tensors does not require grad'. Keep one of its layers trained, e.g."
+        f" exclude=[{last!r}], or with keep_first/keep_last."
+    )
+
+
+def note_dropped_layers(exception: BaseException, dropped: Sequence[str]) -> None:
+    """Add a note to torch's "does not require grad" error raised while LDB had dropped layers, saying why."""
+    if not dropped or not isinstance(exception, RuntimeError) or "does not require grad" not in str(exception):
+        return
+    shown = ", ".join(dropped[:5]) + (f" and {len(dropped) - 5} more" if len(dropped) > 5 else "")
+    exception.add_note(
+        f"LayerDropBackCallback had dropped (frozen) {shown} for this step. A loss whose only trainable inputs are"
+        " dropped layers has no gradient (e.g. a GAN's generator step under toggle_optimizer when every generator"
+        " layer is dropped). Keep one of those layers trained: `exclude` it, or raise keep_first/keep_last."
     )
 
 

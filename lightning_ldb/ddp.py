@@ -93,7 +93,7 @@ def choose_communication(strategy: DDPStrategy, resample: str, requested: str = 
 
     Raises:
         ValueError: If ``requested`` is not one of :data:`COMMUNICATION_METHODS`, if it is
-            ``"hook"`` while the strategy has a comm hook of its own, or if the strategy uses
+            ``"hook"`` or ``"rewrap"`` while the strategy has a comm hook of its own, or if the strategy uses
             ``static_graph=True`` with a method that changes the trainable set under a live wrapper.
     """
     if requested not in COMMUNICATION_METHODS:
@@ -103,11 +103,16 @@ def choose_communication(strategy: DDPStrategy, resample: str, requested: str = 
         )
     kwargs = _compat.ddp_kwargs(strategy)
     user_comm_hook = _compat.ddp_user_comm_hook(strategy)
-    if requested == "hook" and user_comm_hook:
+    if requested in ("hook", "rewrap") and user_comm_hook:
+        why = (
+            "DDP accepts one communication hook per wrapper"
+            if requested == "hook"
+            else "a re-wrap builds new gradient buckets, and a stateful hook (PowerSGD) keeps its state per bucket"
+        )
         raise ValueError(
-            "LayerDropBackCallback(communication='hook') cannot be used together with a ddp_comm_hook/ddp_comm_state"
-            " on the DDPStrategy: DDP accepts one communication hook per wrapper. Pass communication='auto' (LDB then"
-            " keeps your hook and only sets find_unused_parameters=True) or remove the strategy's comm hook."
+            f"LayerDropBackCallback(communication={requested!r}) cannot be used together with a"
+            f" ddp_comm_hook/ddp_comm_state on the DDPStrategy: {why}. Pass communication='auto' (LDB then keeps"
+            " your hook and only sets find_unused_parameters=True) or remove the strategy's comm hook."
         )
     if requested != "auto":
         method = requested

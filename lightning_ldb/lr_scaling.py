@@ -1,10 +1,16 @@
-"""The DROP-epoch learning rate: scale ``lr`` inside ``optimizer.step()`` only.
+"""The DROP-epoch learning rate: scale ``lr`` for the update inside ``optimizer.step()`` only.
 
 Scaling ``group["lr"]`` at epoch start and dividing at epoch end is wrong for recursive schedulers
 (``CosineAnnealingLR`` with ``eta_min > 0``) and for closed-form step-interval schedulers, which
-overwrite ``lr`` on every step. Scaling only for the duration of each ``step()``, through the
+overwrite ``lr`` on every step. Scaling only for the duration of the update, through the
 optimizer's step pre/post hooks, is exact for every scheduler, and schedulers,
 ``LearningRateMonitor`` and checkpoints only ever see the unscaled schedule.
+
+When ``step`` is given a closure (Lightning's 32-bit and bf16 precision run ``training_step``, the
+backward and ``on_before_optimizer_step`` inside it), the scale is applied only once the closure has
+returned: the user's LR code, which runs in the closure, reads and writes the unscaled ``lr``, and
+its writes are kept. Without a closure (manual optimization, ``16-mixed``), the scale is applied as
+``step`` starts.
 """
 
 from __future__ import annotations
@@ -18,12 +24,18 @@ import torch
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
+#: Param-group entries some optimizers derive from ``lr`` during ``step`` and keep (schedule-free optimizers):
+#: after a scaled step each is put back to what the unscaled ``lr`` would have left there.
+#: ``"max"``: a running maximum of the lr; ``"value"``: the lr of the last step.
+LR_DERIVED_ENTRIES = {"lr_max": "max", "scheduled_lr": "value"}
+
 
 class StepLRScaler:
-    """Multiplies every param group's ``lr`` by :attr:`scale` while an optimizer steps.
+    """Multiplies every param group's ``lr`` by :attr:`scale` for the update of each optimizer step.
 
     Args:
-        before_step: Called with the optimizer just before each step, after the scale is applied.
+        before_step: Called with the optimizer just before the update: when ``step`` starts, or, when
+            ``step`` is given a closure, each time the closure has returned (after the backward).
     """
 
     def __init__(self, before_step: Optional[Callable[[Optimizer], None]] = None) -> None:
@@ -32,7 +44,9 @@ class StepLRScaler:
         self._handles: list[RemovableHandle] = []
         self._attached: dict[int, Optimizer] = {}
         self._warned: set[int] = set()
-        self._unscaled: dict[int, tuple[Optimizer, list[Any]]] = {}
+        # Per optimizer being scaled: the optimizer, its groups and, per group, the unscaled lr and the
+        # lr-derived entries (``LR_DERIVED_ENTRIES``) as they were before the update.
+        self._unscaled: dict[int, tuple[Optimizer, list[dict[str, Any]], list[tuple[Any, dict[str, Any]]]]] = {}
         # Hook calls in progress per optimizer. torch wraps each optimizer class's own ``step`` with the hooks,
         # so a subclass whose ``step`` calls ``super().step()`` runs them twice, nested: only the outermost
         # call may scale and unscale, or the lr is scaled twice and left scaled after the step.
@@ -62,38 +76,63 @@ class StepLRScaler:
 
     def restore(self) -> None:
         """Put back the unscaled ``lr`` of any optimizer whose step raised before its post hook."""
-        for optimizer, lrs in self._unscaled.values():
-            for group, lr in zip(optimizer.param_groups, lrs):
-                group["lr"] = lr
-        self._unscaled.clear()
+        for key in list(self._unscaled):
+            self._unscale(key)
         self._depth.clear()
 
-    def _pre_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+    def _pre_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> Optional[tuple[Any, Any]]:
         depth = self._depth.get(id(optimizer), 0)
         self._depth[id(optimizer)] = depth + 1
         if depth:
-            return  # nested: the outer call has done it all
-        if self._before_step is not None:
-            self._before_step(optimizer)
-        if self.scale == 1.0:
-            return
-        lrs = [group.get("lr") for group in optimizer.param_groups]
-        if not all(_is_scalable(lr) for lr in lrs):
-            self._warn_unscalable(optimizer, lrs)
-            return
-        self._unscaled[id(optimizer)] = (optimizer, lrs)
-        for group in optimizer.param_groups:
-            group["lr"] = group["lr"] * self.scale
+            return None  # nested: the outer call has done it all
+        closure, positional = _find_closure(args, kwargs)
+        if closure is None:
+            self._prepare_update(optimizer)
+            return None
+
+        def scaled_after(*closure_args: Any, **closure_kwargs: Any) -> Any:
+            # A re-evaluation (LBFGS's line search, a second closure call) runs the user's code again: unscaled.
+            self._unscale(id(optimizer))
+            result = closure(*closure_args, **closure_kwargs)
+            self._prepare_update(optimizer)
+            return result
+
+        if positional:  # handed back where it came from: the optimizer may name its argument otherwise
+            return (args[0], scaled_after, *tuple(args)[2:]), kwargs
+        return args, {**kwargs, "closure": scaled_after}
 
     def _post_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         depth = self._depth.pop(id(optimizer), 1) - 1
         if depth:
             self._depth[id(optimizer)] = depth
             return  # nested: the outer call puts the lr back
-        entry = self._unscaled.pop(id(optimizer), None)
-        if entry is not None:
-            for group, lr in zip(optimizer.param_groups, entry[1]):
-                group["lr"] = lr
+        self._unscale(id(optimizer))
+
+    def _prepare_update(self, optimizer: Optimizer) -> None:
+        """Clear what must not reach the update, then scale the lr the user's code left in the groups."""
+        if self._before_step is not None:
+            self._before_step(optimizer)
+        if self.scale == 1.0:
+            return
+        groups = _all_groups(optimizer)
+        lrs = [group.get("lr") for group in groups]
+        if not all(_is_scalable(lr) for lr in lrs):
+            self._warn_unscalable(optimizer, lrs)
+            return
+        derived = [{key: group[key] for key in LR_DERIVED_ENTRIES if key in group} for group in groups]
+        self._unscaled[id(optimizer)] = (optimizer, groups, list(zip(lrs, derived)))
+        for group in groups:
+            group["lr"] = group["lr"] * self.scale
+
+    def _unscale(self, key: int) -> None:
+        entry = self._unscaled.pop(key, None)
+        if entry is None:
+            return
+        _, groups, saved = entry
+        for group, (lr, derived) in zip(groups, saved):
+            group["lr"] = lr
+            for name, before in derived.items():
+                group[name] = _unscaled_entry(LR_DERIVED_ENTRIES[name], before, group.get(name, before), self.scale)
 
     def _warn_unscalable(self, optimizer: Optimizer, lrs: list[Any]) -> None:
         if id(optimizer) in self._warned:
@@ -107,6 +146,45 @@ class StepLRScaler:
             UserWarning,
             stacklevel=2,
         )
+
+
+def _find_closure(args: Any, kwargs: Any) -> tuple[Optional[Callable[..., Any]], bool]:
+    """The closure ``step`` was given (as ``closure=`` or as its first argument after ``self``), and whether positionally.
+
+    The step hooks get ``args`` with the optimizer itself first.
+    """
+    if kwargs.get("closure") is not None:
+        return kwargs["closure"], False
+    if len(args) > 1 and callable(args[1]):
+        return args[1], True
+    return None, False
+
+
+def _all_groups(optimizer: Optimizer) -> list[dict[str, Any]]:
+    """The optimizer's param groups, and those of an optimizer it wraps and copies its groups into when ``step``
+    starts (``ZeroRedundancyOptimizer.optim``), which would miss a scale applied after the closure."""
+    groups = list(optimizer.param_groups)
+    inner = getattr(optimizer, "optim", None)
+    if isinstance(inner, Optimizer) and inner is not optimizer:
+        groups += [group for group in inner.param_groups if all(group is not g for g in groups)]
+    return groups
+
+
+def _unscaled_entry(kind: str, before: Any, after: Any, scale: float) -> Any:
+    """What an lr-derived entry would hold after the step had the lr not been scaled.
+
+    A running maximum the scaled lr did not raise is left as it is (with ``scale < 1`` the unscaled lr might
+    have raised it; the next unscaled step does).
+    """
+    if not (_is_number(before) and _is_number(after)) or after == before:
+        return after  # not written by this step
+    if kind == "max":
+        return max(before, after / scale)
+    return after / scale
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _is_scalable(lr: Any) -> bool:

@@ -22,7 +22,7 @@ from lightning_ldb.branches import Branch, BranchesSpec, discover_branches, sele
 from lightning_ldb.datamodule import LDBDataModuleMixin, TrainLoaderReloader, attach_batch_schedule
 from lightning_ldb.ddp import requested_communication
 from lightning_ldb.detaching import BranchInputDetacher
-from lightning_ldb.freezing import ParameterFreezer
+from lightning_ldb.freezing import ParameterFreezer, refuse_optimizers_that_move_dropped_parameters
 from lightning_ldb.layers import Layer, RunOrderRecorder, discover_layers, order_layers, select_candidates, unique_numel
 from lightning_ldb.lr_scaling import StepLRScaler
 from lightning_ldb.sampling import draw_dropped, fresh_seed, global_seed
@@ -92,6 +92,15 @@ class LDBRun:
         self._reloader: Optional[TrainLoaderReloader] = None
         self._warned_nothing_to_drop = False
 
+        self.adapter: strategies.StrategyAdapter = strategies.NoOpAdapter()
+        try:
+            self._set_up(trainer, pl_module)
+        except BaseException:
+            self.close()  # all or nothing: the callback never gets this run to close, so undo what setup did
+            raise
+
+    def _set_up(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        settings = self.settings
         communication = requested_communication(settings.communication)
         self.adapter = strategies.adapter_for(trainer.strategy, settings.resample, communication)
         self.adapter.setup(trainer, pl_module, self.undo)
@@ -126,8 +135,12 @@ class LDBRun:
         self._module = pl_module
         self._find_layers(pl_module)
         compatibility.report_branches(pl_module, self.settings, self.branches)
+        refuse_optimizers_that_move_dropped_parameters(pl_module.trainer.optimizers)  # exist now: fail before a step
         compatibility.warn_if_compiled(pl_module, self.candidates)
         compatibility.warn_if_all_droppable(pl_module, self.candidates, self.settings.drop_rate)
+        compatibility.warn_if_an_optimizer_can_lose_all_its_layers(
+            pl_module.trainer.optimizers, self.candidates, self.settings.drop_rate
+        )
 
     def on_train_start(self, trainer: Trainer) -> None:
         # Optimizers exist now, and a mid-epoch resume skips ``on_train_epoch_start``, so the epoch's

@@ -230,3 +230,79 @@ def test_quiet_keeps_the_progress_bar_and_drops_only_the_model_summary(tmp_path)
     assert kinds(quiet) == {ProgressBar}  # long runs still show their progress
     assert kinds(verbose) == {ProgressBar, ModelSummary}
     assert quiet.trainer.progress_bar_callback is not None
+
+
+# ---------------------------------------------------------------------- bugs in the user's classes
+USER_MODELS = '''
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+
+
+class CheckedModel(LightningModule):
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        if width < 1:
+            raise ValueError(f"`width` must be >= 1, got {width}.")  # the class's own argument check
+        self.layer = nn.Linear(width, 1)
+
+
+class BuggyModel(LightningModule):
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.layer = nn.Linear(width)  # the bug: out_features is missing
+
+
+class BuggyInTorchModel(LightningModule):
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(width, dtype="float32"))  # the bug: a string dtype
+'''
+
+
+@pytest.fixture
+def user_models(tmp_path, monkeypatch):
+    (tmp_path / "user_models.py").write_text(USER_MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def user_model_args(model: str, *more: str) -> list[str]:
+    return ["fit", f"--model=user_models.{model}", "--data=lightning_ldb.examples.DigitsDataModule", *more]
+
+
+@pytest.mark.parametrize(
+    "model, error, message",
+    [
+        ("BuggyModel", TypeError, "missing 1 required positional argument: 'out_features'"),
+        ("BuggyInTorchModel", TypeError, "dtype"),
+    ],
+)
+def test_a_bug_in_a_user_class_raises_with_its_traceback(user_models, model, error, message, capsys):
+    with pytest.raises(error, match=message) as raised:
+        main(args=user_model_args(model), prog="ldb")
+    assert "user_models.py" in "".join(__import__("traceback").format_tb(raised.value.__traceback__))
+    assert "error:" not in capsys.readouterr().err  # not dressed up as an argument error
+
+
+def test_a_user_class_checking_its_own_argument_is_two_lines(user_models, capsys):
+    code, err = exit_code_and_stderr(user_model_args("CheckedModel", "--model.width=0"), capsys)
+
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[0] == "error: --model (CheckedModel): `width` must be >= 1, got 0."
+
+
+def test_a_bug_in_a_user_class_shows_its_traceback_on_the_console(user_models):
+    python_path = os.pathsep.join([str(user_models), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": python_path}
+    result = subprocess.run(
+        [sys.executable, "-c", "from lightning_ldb.cli import main; main()", *user_model_args("BuggyModel")],
+        cwd=user_models,
+        env={**env, "PYTHONPATH": os.pathsep.join([str(ROOT), python_path]), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode not in (0, 2)  # an exception, not a usage error
+    assert "Traceback" in result.stderr and 'user_models.py", line' in result.stderr
+    assert "TypeError: Linear.__init__() missing 1 required positional argument: 'out_features'" in result.stderr

@@ -226,8 +226,21 @@ def test_resample_epoch_rewraps_with_the_users_ddp_settings(single_process_group
         ({"static_graph": True, "ddp_comm_hook": lambda state, bucket: None}, "epoch", "auto", r"communication hook"),
         ({"static_graph": True}, "epoch", "find_unused", r"communication='find_unused' keeps one wrapper"),
         ({"ddp_comm_hook": lambda state, bucket: None}, "epoch", "hook", r"one communication hook per wrapper"),
+        (
+            {"ddp_comm_hook": lambda state, bucket: None},
+            "epoch",
+            "rewrap",
+            r"communication='rewrap'\) cannot be used together with a ddp_comm_hook.*state per bucket.*"
+            r"Pass communication='auto'",
+        ),
     ],
-    ids=["static-graph-step", "static-graph-comm-hook", "static-graph-forced-method", "forced-hook-with-comm-hook"],
+    ids=[
+        "static-graph-step",
+        "static-graph-comm-hook",
+        "static-graph-forced-method",
+        "forced-hook-with-comm-hook",
+        "forced-rewrap-with-comm-hook",
+    ],
 )
 def test_ddp_settings_ldb_cannot_serve_fail_in_setup(single_process_group, strategy_kwargs, resample, communication, match):
     ldb = LayerDropBackCallback(resample=resample, keep_first=2, batch_scale=1, seed=0, communication=communication)
@@ -290,6 +303,23 @@ def test_ddp_settings_are_the_users_again_after_fit_and_no_wrapper_stays_with_th
     assert log.find_unused_parameters is (resample == "step")  # turned on before the wrap for "step"
     assert trainer.strategy._ddp_kwargs == before
     assert reachable(ldb, DistributedDataParallel) == []
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_setup_leaves_the_users_ddp_settings_for_the_next_fit(single_process_group):
+    # resample="step" turns find_unused_parameters on in setup; "no candidate layer" is raised after that.
+    strategy = DDPStrategy(find_unused_parameters=False)
+    users = dict(strategy._ddp_kwargs)
+    failing = LayerDropBackCallback(resample="step", keep_first=100, batch_scale=1, seed=0)
+    trainer = make_trainer(max_epochs=1, callbacks=[failing], strategy=strategy)
+    with pytest.raises(ValueError, match="no candidate layer"):
+        trainer.fit(TinyMLP())
+    assert strategy._ddp_kwargs == users
+
+    log = FindUnusedLog()
+    trainer.callbacks[trainer.callbacks.index(failing)] = log
+    trainer.fit(TinyMLP())  # the next fit, without LDB
+    assert log.find_unused_parameters is False
 
 
 @pytest.mark.timeout(60)

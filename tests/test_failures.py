@@ -23,7 +23,7 @@ FAIL_EPOCH = 2  # the first DROP epoch with every=2; 4 batches per epoch
 
 
 class FailingSGD(torch.optim.SGD):
-    """Plain SGD that raises inside ``step()`` on its ``fail_at``-th call, after LDB's pre-step hook scaled the lr."""
+    """Plain SGD that raises inside ``step()`` on its ``fail_at``-th call, after the closure (LDB has scaled the lr)."""
 
     def __init__(self, params, exception: type[BaseException], fail_at: int) -> None:
         super().__init__(params, lr=LR)
@@ -32,10 +32,15 @@ class FailingSGD(torch.optim.SGD):
 
     def step(self, closure=None):
         self.calls += 1
+        loss = None
+        if closure is not None:  # as SGD does: the closure first, then the update with the (scaled) lr
+            with torch.enable_grad():
+                loss = closure()
         if self.calls == self.fail_at:
             self.lrs_at_failure = [group["lr"] for group in self.param_groups]
             raise self.exception("boom inside optimizer.step()")
-        return super().step(closure)
+        super().step()
+        return loss
 
 
 class Model(TinyMLP):

@@ -205,13 +205,18 @@ def test_peft_lora_on_a_hugging_face_model_draws_over_the_adapters():
 
 # ------------------------------------------------------------------ rule 3: the DROP-epoch settings hold
 class RecordingSGD(torch.optim.SGD):
-    """Records the lr each step really used (LDB scales it in the step's pre-hook)."""
+    """Records the lr each step really used (LDB scales it once the closure has returned)."""
 
     used: list[tuple[int, float]] = []
 
     def step(self, closure=None):
+        loss = None
+        if closure is not None:  # as SGD does: the closure first, then the update
+            with torch.enable_grad():
+                loss = closure()
         RecordingSGD.used.append((self.epoch, self.param_groups[0]["lr"]))
-        return super().step(closure)
+        super().step()
+        return loss
 
 
 class RecreatedOptimizer(TinyMLP):
