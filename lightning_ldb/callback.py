@@ -15,7 +15,7 @@ from lightning_ldb._checks import check_choice, check_float, check_int, check_pa
 from lightning_ldb.ddp import COMMUNICATION_METHODS
 from lightning_ldb.layers import GRANULARITIES
 from lightning_ldb.run import LDBRun, RunSettings
-from lightning_ldb.schedule import FULL, BatchSchedule, is_drop_epoch
+from lightning_ldb.schedule import BATCH_SCALINGS, FULL, BatchSchedule, is_drop_epoch
 
 RESAMPLE_MODES = ("epoch", "step")
 #: What a dropped layer skips in the backward pass.
@@ -27,6 +27,7 @@ _CONFIG_KEYS = (
     "every",
     "lr_scale",
     "batch_scale",
+    "batch_scaling",
     "keep_first",
     "keep_last",
     "resample",
@@ -47,16 +48,23 @@ class LayerDropBackCallback(Callback):
     so autograd skips their weight gradient and no optimizer moves them. The forward pass, and with it
     BatchNorm's running statistics, is unchanged. Every optimizer steps with ``lr * lr_scale`` during
     DROP epochs (applied inside ``optimizer.step()``, so schedulers, ``LearningRateMonitor`` and
-    checkpoints see the unscaled schedule), and a DataModule using
-    :class:`~lightning_ldb.LDBDataModuleMixin` serves batches ``batch_scale`` times larger.
+    checkpoints see the unscaled schedule), and the batch is ``batch_scale`` times larger: a DataModule
+    using :class:`~lightning_ldb.LDBDataModuleMixin` serves larger batches, or (``batch_scaling="accumulate"``)
+    each optimizer step accumulates ``batch_scale`` times more micro-batches.
 
     Args:
         drop_rate: Probability ``p`` that a candidate layer is dropped on a DROP epoch, in ``[0, 1)``.
             ``0`` drops nothing (LR and batch scaling still apply).
         every: DROP-epoch period ``s``: epochs ``s, 2s, 3s, ...`` are DROP epochs.
         lr_scale: Learning-rate factor ``kappa`` on DROP epochs, ``> 0``.
-        batch_scale: Batch-size factor on DROP epochs, an int ``>= 1``; honoured by
-            :class:`~lightning_ldb.LDBDataModuleMixin`.
+        batch_scale: Batch-size factor on DROP epochs, an int ``>= 1``.
+        batch_scaling: How DROP epochs get the larger batch. ``"loader"``: the train loader serves batches
+            ``batch_scale`` times larger (needs :class:`~lightning_ldb.LDBDataModuleMixin`); an integer
+            ``limit_train_batches`` or ``val_check_interval`` is divided by ``batch_scale`` on DROP epochs.
+            ``"accumulate"``: batches keep their size and ``accumulate_grad_batches`` (yours, multiplied) is
+            ``batch_scale`` times larger on DROP epochs, so memory stays that of a full epoch while the effective
+            batch, optimizer steps and DDP all-reduces are those of the larger batch (automatic optimization
+            only; no mixin needed).
         keep_first: The first ``keep_first`` layers are never dropped. ``keep_first`` and ``keep_last`` count
             the layers trainable at each draw, in the order the data flows through them on the first training
             step (a module is placed where its parameters are first used); layers that took no part in that
@@ -105,6 +113,7 @@ class LayerDropBackCallback(Callback):
         every: int = 2,
         lr_scale: float = 2.0,
         batch_scale: int = 2,
+        batch_scaling: str = "loader",
         keep_first: int = 4,
         keep_last: int = 1,
         resample: str = "epoch",
@@ -121,6 +130,7 @@ class LayerDropBackCallback(Callback):
         self.every = check_int("every", every, minimum=1)
         self.lr_scale = check_float("lr_scale", lr_scale, 0.0, low_inclusive=False)
         self.batch_scale = check_int("batch_scale", batch_scale, minimum=1)
+        self.batch_scaling = check_choice("batch_scaling", batch_scaling, BATCH_SCALINGS)
         self.keep_first = check_int("keep_first", keep_first, minimum=0)
         self.keep_last = check_int("keep_last", keep_last, minimum=0)
         self.resample = check_choice("resample", resample, RESAMPLE_MODES)
@@ -173,20 +183,23 @@ class LayerDropBackCallback(Callback):
 
     @property
     def batch_scaling_active(self) -> bool:
-        """Whether this fit's DROP epochs load ``batch_scale`` times larger batches (the train data source is a mixin)."""
+        """Whether this fit's DROP epochs load ``batch_scale`` times larger batches (the train data source is a mixin).
+
+        ``False`` with ``batch_scaling="accumulate"``, where the loader's batches never change."""
         return self._run is not None and self._run.batch_scaling_active
 
     @property
     def batch_schedule(self) -> BatchSchedule:
         """The batch size of each epoch, as a value (``every`` and ``batch_scale``)."""
-        return BatchSchedule(self.every, self.batch_scale)
+        return BatchSchedule(self.every, self.batch_scale, scaling=self.batch_scaling)
 
     def is_drop_epoch(self, epoch: int) -> bool:
         """Whether ``epoch`` is a DROP epoch under this callback's ``every``."""
         return is_drop_epoch(epoch, self.every)
 
     def batch_size_for_epoch(self, epoch: int, base: int) -> int:
-        """The training batch size of ``epoch``: ``base * batch_scale`` on DROP epochs, else ``base``."""
+        """The loader's batch size of ``epoch``: ``base * batch_scale`` on DROP epochs, else ``base`` (always ``base`` with
+        ``batch_scaling="accumulate"``, which accumulates ``batch_scale`` times more batches instead)."""
         return self.batch_schedule.batch_size(epoch, base)
 
     # ------------------------------------------------------------------ setup and teardown
@@ -278,6 +291,7 @@ class LayerDropBackCallback(Callback):
             every=self.every,
             lr_scale=self.lr_scale,
             batch_scale=self.batch_scale,
+            batch_scaling=self.batch_scaling,
             keep_first=self.keep_first,
             keep_last=self.keep_last,
             resample=self.resample,

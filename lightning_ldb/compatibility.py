@@ -227,3 +227,20 @@ def unrecognised_note(pl_module: LightningModule, spec: Any) -> str:
         f"{', '.join(missed[:3])}{more}. A rule needs every module it names and the library's own class; name"
         " these blocks' branches with `branches=` (see docs/block-mode.md)."
     )
+
+
+def check_accumulate_scaling(pl_module: LightningModule, batch_scale: int) -> None:
+    """Refuse ``batch_scaling="accumulate"`` where Lightning does not accumulate: manual optimization.
+
+    Raises:
+        ValueError: If the LightningModule uses manual optimization.
+    """
+    # Lightning ignores ``accumulate_grad_batches`` under manual optimization (it refuses a value != 1 at
+    # fit start, before LDB changes it): the DROP epochs would step every micro-batch with the scaled LR.
+    if not pl_module.automatic_optimization:
+        raise ValueError(
+            f"LayerDropBackCallback(batch_scaling='accumulate', batch_scale={batch_scale}) needs automatic"
+            f" optimization, but {type(pl_module).__name__} sets `automatic_optimization = False`, so Lightning does"
+            " not accumulate gradients. Use batch_scaling='loader' with `LDBDataModuleMixin`, accumulate in your"
+            " `training_step` yourself, or pass batch_scale=1."
+        )

@@ -7,17 +7,98 @@ by the callback at epoch start (which would be one epoch late).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import random
+from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Optional
 
+import torch
 from lightning.pytorch import Trainer
+from lightning.pytorch.utilities import CombinedLoader
 
-from lightning_ldb.schedule import BatchSchedule
+from lightning_ldb import _compat
+from lightning_ldb.schedule import BatchSchedule, is_drop_epoch
 from lightning_ldb.undo import UndoList
 
 _BATCH_SIZE_ATTRIBUTES = ("self.batch_size", "self.hparams.batch_size")
 #: Where a data source holds the batch schedule of the fit it serves (set by the callback, removed after the fit).
 _SCHEDULE_ATTRIBUTE = "_ldb_batch_schedule"
+#: Set on a data source while its loader is built ahead for this (DROP) epoch, to check it before training.
+_LOADING_EPOCH_ATTRIBUTE = "_ldb_loading_epoch"
+
+
+def schedule_for(trainer: Trainer, every: int, batch_scale: int, scaling: str) -> BatchSchedule:
+    """The fit's :class:`BatchSchedule`, with the user's batch-counted trainer settings it scales.
+
+    An integer ``val_check_interval`` counts the epoch's batches only while ``check_val_every_n_epoch`` is set;
+    with ``check_val_every_n_epoch=None`` it counts batches across epochs, cannot exceed an epoch, and is left as is.
+    """
+    val_check = trainer.val_check_interval if trainer.check_val_every_n_epoch is not None else None
+    return BatchSchedule(
+        every,
+        batch_scale,
+        trainer.limit_train_batches,
+        scaling=scaling,
+        accumulate_grad_batches=trainer.accumulate_grad_batches,
+        val_check_interval=val_check,
+    )
+
+
+def accumulation_schedule_of(trainer: Trainer) -> Optional[BatchSchedule]:
+    """The batch schedule of the running fit if its DROP epochs accumulate micro-batches, else ``None``."""
+    schedule = getattr(trainer, _SCHEDULE_ATTRIBUTE, None)
+    return schedule if isinstance(schedule, BatchSchedule) and schedule.batch_scale > 1 else None
+
+
+class GradientAccumulationScaler:
+    """``batch_scaling="accumulate"``: DROP epochs take ``accumulate_grad_batches * batch_scale`` micro-batches per step.
+
+    The loader keeps its batch size, so memory is that of a full epoch; Lightning divides each micro-batch's loss
+    by ``accumulate_grad_batches`` and runs DDP's all-reduce on the last micro-batch of a step only, so a DROP
+    epoch's effective batch, optimizer steps and all-reduces are those of a ``batch_scale`` times larger batch.
+
+    The value is written at every batch start (the epoch is right there, also on resume), and the user's value is
+    put back at every epoch end and when the fit ends. A value someone else wrote since (``StochasticWeightAveraging``
+    , ``GradientAccumulationScheduler``) is taken as the user's, and multiplied on DROP epochs.
+
+    Args:
+        trainer: The trainer of the fit.
+        schedule: The fit's batch schedule (``scaling="accumulate"``).
+        undo: Where the user's setting is recorded, to be put back when the fit ends.
+    """
+
+    def __init__(self, trainer: Trainer, schedule: BatchSchedule, undo: UndoList) -> None:
+        self._schedule = schedule
+        self._user = trainer.accumulate_grad_batches
+        self._written: Optional[int] = None
+        # Recorded unchanged: the value is set per batch, and the undo puts the user's back.
+        undo.set_attribute(trainer, "accumulate_grad_batches", trainer.accumulate_grad_batches)
+        # ``lightning_ldb.estimated_stepping_batches`` finds the schedule on the trainer (no mixin here).
+        undo.set_attribute(trainer, _SCHEDULE_ATTRIBUTE, schedule)
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        """Set the accumulation of the epoch that runs (a mid-epoch resume starts inside it)."""
+        self._apply(trainer, trainer.current_epoch)
+
+    def on_loader_built(self, trainer: Trainer) -> None:
+        """Every batch start: set the epoch's accumulation, before the loss is divided by it."""
+        self._apply(trainer, trainer.current_epoch)
+
+    def on_train_epoch_end(self, trainer: Trainer) -> None:
+        """Put the user's value back between epochs, where other callbacks may change it."""
+        self._take_foreign_value(trainer)
+        trainer.accumulate_grad_batches = self._written = self._user
+
+    def _apply(self, trainer: Trainer, epoch: int) -> None:
+        self._take_foreign_value(trainer)
+        user = self._user
+        value = user * self._schedule.batch_scale if is_drop_epoch(epoch, self._schedule.every) else user
+        trainer.accumulate_grad_batches = self._written = value
+
+    def _take_foreign_value(self, trainer: Trainer) -> None:
+        if self._written is not None and trainer.accumulate_grad_batches != self._written:
+            self._user = trainer.accumulate_grad_batches
 
 
 def attach_batch_schedule(source: Any, schedule: BatchSchedule, undo: UndoList) -> bool:
@@ -49,7 +130,11 @@ class TrainLoaderReloader:
     ``reload_dataloaders_every_n_epochs=1`` for the whole fit would rebuild the validation loaders every
     epoch too. Instead it is set to 1 just before an epoch whose batch size differs from the loaded one,
     and put back as soon as the new train loader is built (the validation loop reads it later, during the
-    epoch). An integer ``limit_train_batches`` is set for the epoch alike (see :class:`BatchSchedule`).
+    epoch). An integer ``limit_train_batches`` and ``val_check_interval`` are set for the epoch alike (see
+    :class:`BatchSchedule`): Lightning reads both when it builds the train loader.
+
+    At the start of training the loader of the first DROP epoch is built once and discarded, unread, so that a
+    ``train_dataloader()`` that does not serve the scaled batch fails before the full epochs run.
 
     Args:
         trainer: The trainer of the fit.
@@ -63,6 +148,8 @@ class TrainLoaderReloader:
         self._forced = False
         # Recorded as it is now (the value is unchanged here): ``_prepare`` changes it per epoch, the undo puts it back.
         undo.set_attribute(trainer, "limit_train_batches", trainer.limit_train_batches)
+        if schedule.val_check_interval is not None:
+            undo.set_attribute(trainer, "val_check_interval", trainer.val_check_interval)
         undo.on_undo(lambda: self.on_loader_built(trainer))
 
     def on_train_start(self, trainer: Trainer) -> None:
@@ -70,8 +157,12 @@ class TrainLoaderReloader:
 
         On resume from an end-of-epoch checkpoint Lightning builds the loader while ``current_epoch`` still
         reads the finished epoch; with the setting at 1 it rebuilds it for the epoch that runs, and only then.
+        Then check the loader of the first DROP epoch still to run (see :func:`check_drop_epoch_loader`).
         """
         self._prepare(trainer, trainer.current_epoch)
+        epoch = first_drop_epoch(trainer.current_epoch, self._schedule.every)
+        if trainer.max_epochs is None or trainer.max_epochs < 0 or epoch < trainer.max_epochs:
+            check_drop_epoch_loader(_compat.train_data_source(trainer), epoch)
 
     def on_train_epoch_end(self, trainer: Trainer) -> None:
         """Request a rebuild of the train loader if the next epoch has another batch size."""
@@ -87,9 +178,60 @@ class TrainLoaderReloader:
 
     def _prepare(self, trainer: Trainer, epoch: int) -> None:
         trainer.limit_train_batches = self._schedule.limit_batches(epoch)
+        if self._schedule.val_check_interval is not None:
+            # An int is a number of batches: Lightning refuses one larger than the (shorter) DROP epoch.
+            trainer.val_check_interval = self._schedule.val_check_batches(epoch)
         if self._user_reload != 1:
             trainer.reload_dataloaders_every_n_epochs = 1
             self._forced = True
+
+
+def first_drop_epoch(epoch: int, every: int) -> int:
+    """The first DROP epoch at or after ``epoch``."""
+    return epoch if is_drop_epoch(epoch, every) else max(every, (epoch // every + 1) * every)
+
+
+def check_drop_epoch_loader(source: Any, epoch: int) -> None:
+    """Build ``source``'s train loader for DROP epoch ``epoch`` and discard it, unread, to check its batch size.
+
+    The mixin's check (``ValueError`` if a loader does not serve the scaled batch) then runs before training
+    rather than at the first DROP epoch. The global random state is put back afterwards, so the real epochs load
+    and train exactly what they would without the check.
+
+    Args:
+        source: The train data source, an :class:`LDBDataModuleMixin`.
+        epoch: The DROP epoch to build the loader for.
+
+    Raises:
+        ValueError: If the loader does not serve the scaled batch size (see :class:`LDBDataModuleMixin`).
+    """
+    if not isinstance(source, LDBDataModuleMixin):
+        return
+    with _preserved_global_rng():
+        setattr(source, _LOADING_EPOCH_ATTRIBUTE, epoch)
+        try:
+            source.train_dataloader()
+        finally:
+            delattr(source, _LOADING_EPOCH_ATTRIBUTE)
+
+
+@contextlib.contextmanager
+def _preserved_global_rng() -> Iterator[None]:
+    # A ``train_dataloader()`` may draw (a random split, a shuffled index): the check must not shift what follows.
+    python_state = random.getstate()
+    try:
+        import numpy
+
+        numpy_state: Any = numpy.random.get_state()
+    except ImportError:  # pragma: no cover - numpy ships with torch's usual installs
+        numpy, numpy_state = None, None
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            if numpy is not None:
+                numpy.random.set_state(numpy_state)
 
 
 class LDBDataModuleMixin:
@@ -145,7 +287,8 @@ class LDBDataModuleMixin:
         trainer = _attached_trainer(self)
         if schedule is None or trainer is None:
             return base
-        return schedule.batch_size(trainer.current_epoch, base)
+        epoch = getattr(self, _LOADING_EPOCH_ATTRIBUTE, None)  # set while the loader is built ahead, for a check
+        return schedule.batch_size(trainer.current_epoch if epoch is None else epoch, base)
 
 
 def _attached_trainer(obj: Any) -> Optional[Trainer]:
@@ -207,13 +350,35 @@ class _AttributeHolder:
 
 
 def _check_scaled(obj: Any, loader: Any, bases: list[int], scaled: list[int]) -> None:
-    """Raise if the loader ``train_dataloader()`` returned on a DROP epoch does not load the scaled batch size."""
-    loaded = _loader_batch_size(loader)
-    if loaded is None or loaded in scaled:
-        return  # a loader of unknown batch size (custom sampler) cannot be checked
+    """Raise if a loader ``train_dataloader()`` returned on a DROP epoch does not load the scaled batch size.
+
+    Every loader counts: a dict or list of loaders, or a ``CombinedLoader``, is checked loader by loader.
+    """
+    for where, inner in _inner_loaders(loader, ""):
+        loaded = _loader_batch_size(inner)
+        if loaded is None or loaded in scaled:
+            continue  # a loader of unknown batch size (custom sampler) cannot be checked
+        _raise_unscaled(obj, where, loaded, bases, scaled)
+
+
+def _inner_loaders(loader: Any, where: str) -> Iterator[tuple[str, Any]]:
+    if isinstance(loader, CombinedLoader):
+        loader = loader.iterables
+    if isinstance(loader, Mapping):
+        for key, inner in loader.items():
+            yield from _inner_loaders(inner, f"{where}[{key!r}]")
+    elif isinstance(loader, (list, tuple)):
+        for index, inner in enumerate(loader):
+            yield from _inner_loaders(inner, f"{where}[{index}]")
+    else:
+        yield where, loader
+
+
+def _raise_unscaled(obj: Any, where: str, loaded: int, bases: list[int], scaled: list[int]) -> None:
+    what = f"a loader{where and ' at ' + where}"
     raise ValueError(
         f"LDBDataModuleMixin scaled {type(obj).__name__}'s batch size from {bases[0]} to {scaled[0]} for this DROP"
-        f" epoch, but its train_dataloader() returned a loader with batch_size={loaded}, so the epoch would train at"
+        f" epoch, but its train_dataloader() returned {what} with batch_size={loaded}, so the epoch would train at"
         " the unscaled size while its learning rate is scaled. Build the train loader inside train_dataloader() from"
         " `self.batch_size` (not once in setup(), not from another attribute), or pass"
         " `batch_size=self.ldb_batch_size(base)`."

@@ -19,7 +19,13 @@ from torch.optim import Optimizer
 
 from lightning_ldb import _compat, compatibility, strategies
 from lightning_ldb.branches import Branch, BranchesSpec, discover_branches, select_branch_candidates
-from lightning_ldb.datamodule import LDBDataModuleMixin, TrainLoaderReloader, attach_batch_schedule
+from lightning_ldb.datamodule import (
+    GradientAccumulationScaler,
+    LDBDataModuleMixin,
+    TrainLoaderReloader,
+    attach_batch_schedule,
+    schedule_for,
+)
 from lightning_ldb.ddp import requested_communication
 from lightning_ldb.detaching import BranchInputDetacher
 from lightning_ldb.freezing import ParameterFreezer, refuse_optimizers_that_move_dropped_parameters
@@ -51,9 +57,10 @@ class RunSettings:
     communication: str
     backward: str = "weights"
     branches: BranchesSpec = None
+    batch_scaling: str = "loader"
 
-    def batch_schedule(self, limit_train_batches: Union[int, float, None] = None) -> BatchSchedule:
-        return BatchSchedule(self.every, self.batch_scale, limit_train_batches)
+    def batch_schedule(self, trainer: Trainer) -> BatchSchedule:
+        return schedule_for(trainer, self.every, self.batch_scale, self.batch_scaling)
 
 
 class LDBRun:
@@ -89,7 +96,7 @@ class LDBRun:
         self._draw_key: Optional[DrawKey] = None
         self._dropped_fractions: list[float] = []
         self._dropped_parameters: list[Any] = []
-        self._reloader: Optional[TrainLoaderReloader] = None
+        self._reloader: Optional[Union[TrainLoaderReloader, GradientAccumulationScaler]] = None
         self._warned_nothing_to_drop = False
 
         self.adapter: strategies.StrategyAdapter = strategies.NoOpAdapter()
@@ -299,8 +306,12 @@ class LDBRun:
         s = self.settings
         if s.batch_scale == 1:
             return False
+        schedule = s.batch_schedule(trainer)
+        if s.batch_scaling == "accumulate":  # no mixin: the loader keeps its batches, Lightning accumulates them
+            compatibility.check_accumulate_scaling(pl_module, s.batch_scale)
+            self._reloader = GradientAccumulationScaler(trainer, schedule, self.undo)
+            return False
         source = _compat.train_data_source(trainer)
-        schedule = s.batch_schedule(trainer.limit_train_batches)
         if attach_batch_schedule(source, schedule, self.undo):
             self._reloader = TrainLoaderReloader(trainer, schedule, self.undo)
             return True

@@ -14,7 +14,8 @@ from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
 from lightning_ldb import _compat
-from lightning_ldb.datamodule import batch_schedule_of
+from lightning_ldb.datamodule import accumulation_schedule_of, batch_schedule_of
+from lightning_ldb.schedule import BatchSchedule
 
 
 def optimizer_steps_per_epoch(samples: int, batch_size: int, drop_last: bool, limit_batches: Union[int, float], accumulate: int) -> int:
@@ -46,13 +47,17 @@ def estimated_stepping_batches(trainer: Trainer) -> Union[int, float]:
     Call it where you would call ``trainer.estimated_stepping_batches``, e.g. in ``configure_optimizers``
     for ``OneCycleLR(total_steps=...)``. It accounts for ``max_epochs``, ``max_steps``,
     ``limit_train_batches``, ``accumulate_grad_batches``, ``drop_last`` and the world size (through the
-    distributed sampler Lightning injects). Without a :class:`~lightning_ldb.LayerDropBackCallback`, or
+    distributed sampler Lightning injects). With ``batch_scaling="accumulate"`` DROP epochs are counted with
+    their multiplied ``accumulate_grad_batches``. Without a :class:`~lightning_ldb.LayerDropBackCallback`, or
     when batch scaling is off, every epoch has the same length and Lightning's own estimate is exact.
 
     Raises:
-        ValueError: If batch scaling is active and the train loader has no length or no ``batch_size``
+        ValueError: If loader batch scaling is active and the train loader has no length or no ``batch_size``
             (an ``IterableDataset``, a custom batch sampler, several train loaders).
     """
+    accumulating = accumulation_schedule_of(trainer)
+    if accumulating is not None:
+        return _accumulated_steps(trainer, accumulating)
     schedule = batch_schedule_of(_compat.train_data_source(trainer))
     if schedule is None:
         return trainer.estimated_stepping_batches
@@ -77,12 +82,26 @@ def estimated_stepping_batches(trainer: Trainer) -> Union[int, float]:
             schedule.batch_size(epoch, base),
             loader.drop_last,
             schedule.limit_batches(epoch),
-            trainer.accumulate_grad_batches,
+            schedule.accumulate(epoch),
         )
 
     if max_epochs is None or max_epochs == -1:
         return max_steps
     total = sum(steps(epoch) for epoch in range(max_epochs))
+    return min(total, max_steps) if max_steps != -1 else total
+
+
+def _accumulated_steps(trainer: Trainer, schedule: BatchSchedule) -> Union[int, float]:
+    # Every epoch has the same batches (the loader is unchanged); DROP epochs step once per more of them.
+    max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
+    if max_epochs is None or max_epochs == -1:
+        return float("inf") if max_steps == -1 else max_steps
+    if trainer.train_dataloader is None:
+        trainer.fit_loop.setup_data()
+    batches = trainer.num_training_batches  # per device, with limit_train_batches applied
+    if batches == float("inf"):
+        return max_steps  # as Lightning's own estimate (an iterable dataset: -1 without max_steps)
+    total = sum(math.ceil(batches / schedule.accumulate(epoch)) for epoch in range(max(max_epochs, 1)))
     return min(total, max_steps) if max_steps != -1 else total
 
 

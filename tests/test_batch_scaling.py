@@ -55,8 +55,9 @@ def test_datamodule_mixin_scales_drop_epochs_only_and_leaves_validation_alone():
     assert sizes.train == {0: full, 1: full, 2: drop, 3: full, 4: drop}
     assert all(v == [8] * 4 for v in sizes.val.values()) and len(sizes.val) == 5
     assert sizes.steps == {0: 5, 1: 10, 2: 13, 3: 18, 4: 21}
-    # The train loader is rebuilt only where the batch size changes, the validation loader never.
-    assert datamodule.built == {"train": [0, 2, 3, 4], "val": 1}
+    # The train loader is rebuilt only where the batch size changes, the validation loader never; the second
+    # build at epoch 0 is the check of the DROP-epoch loader before training (built, never read).
+    assert datamodule.built == {"train": [0, 0, 2, 3, 4], "val": 1}
     assert trainer.reload_dataloaders_every_n_epochs == 0  # the user's setting, back after fit
     assert not hasattr(datamodule, "_ldb_batch_schedule")  # the fit's schedule went with it
 

@@ -23,19 +23,28 @@ class DrawLog(Callback):
 
 # (data, step of a checkpoint in the middle of the DROP epoch 2)
 #  - the LightningModule's own loader, 64 samples in batches of 16: epoch 2 holds steps 8..11;
-#  - the mixin with batch_scale=2, 40 samples in batches of 4: DROP epoch 2 holds steps 20..24.
-SETUPS = {"own_loader": (None, 9), "batch_scaling": (dict(batch_size=4, n=40), 22)}
+#  - the mixin with batch_scale=2, 40 samples in batches of 4: DROP epoch 2 holds steps 20..24;
+#  - the own loader in batches of 8 with batch_scaling="accumulate": DROP epoch 2 holds steps 16..19, of two
+#    batches each.
+SETUPS = {"own_loader": (None, 9), "batch_scaling": (dict(batch_size=4, n=40), 22), "accumulate": (None, 17)}
 
 
 def run(tmp_path, resample, setup, max_epochs=5, ckpt_path=None):
     data_kwargs, mid_drop_step = SETUPS[setup]
-    ldb = LayerDropBackCallback(drop_rate=0.5, resample=resample, seed=7, batch_scale=2 if data_kwargs else 1)
+    accumulate = setup == "accumulate"
+    ldb = LayerDropBackCallback(
+        drop_rate=0.5,
+        resample=resample,
+        seed=7,
+        batch_scale=2 if data_kwargs or accumulate else 1,
+        batch_scaling="accumulate" if accumulate else "loader",
+    )
     log = DrawLog(ldb)
     checkpoints = [
         ModelCheckpoint(dirpath=tmp_path, filename="{epoch}-{step}", save_top_k=-1, every_n_epochs=1),
         ModelCheckpoint(dirpath=tmp_path, filename="mid-{step}", save_top_k=-1, every_n_train_steps=mid_drop_step),
     ]
-    model = TinyMLP(optimizer="sgd", lr=0.05, scheduler="cosine")
+    model = TinyMLP(optimizer="sgd", lr=0.05, scheduler="cosine", batch_size=8 if accumulate else 16)
     trainer = make_trainer(
         max_epochs,
         [ldb, log, *(checkpoints if ckpt_path is None else [])],
