@@ -192,7 +192,7 @@ class LayerDropBack:
         self.units = units_for(s.backward, self.freezer, s.granularity, s.keep_first, s.keep_last, s.include, s.exclude, s.branches)
         self.lr = StepLRScaler(before_step=self._before_step, after_step=self._after_step)
         self.sync: Sync = sync if sync is not None else sync_for(model, s.resample, fabric)
-        #: Module names in the order they first ran on a training step (``None``: not observed yet).
+        #: Module names in the order they took part in a training step, see ``RunOrderRecorder`` (``None``: not yet).
         self.run_order: Optional[list[str]] = None
         self.candidates: list[Unit] = []
         self.dropped: tuple[Unit, ...] = ()

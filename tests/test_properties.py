@@ -141,7 +141,7 @@ def test_draws_are_deterministic_sized_and_leave_global_rngs_alone(n, rate, seed
     assert flags == draw_dropped(n, rate, seed, epoch, step)
     assert not any(draw_dropped(n, 0.0, seed, epoch, step))
     # A higher drop rate only adds layers to the same draw: ablations over p are nested.
-    higher = draw_dropped(n, min(0.999, rate + 0.2), seed, epoch, step)
+    higher = draw_dropped(n, rate + (1.0 - rate) / 2, seed, epoch, step)  # in [rate, 1), also for rate near 1
     assert all(h for f, h in zip(flags, higher) if f)
 
 
