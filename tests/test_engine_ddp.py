@@ -29,7 +29,7 @@ import engine_run  # noqa: E402
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
     results = {}
-    for mode, resample in [("fabric", "epoch"), ("ddp", "step"), ("ddp_strict", "epoch")]:
+    for mode, resample in [("readme", "epoch"), ("fabric", "epoch"), ("ddp", "step"), ("ddp_strict", "epoch")]:
         out = tmp_path_factory.mktemp(mode)
         run_two_process_script(
             SCRIPTS / "engine_run.py", "--out", str(out), "--mode", mode, "--resample", resample, timeout=RUN_TIMEOUT
@@ -48,7 +48,17 @@ def param_names(layers: tuple[str, ...]) -> set[str]:
     return {f"{layer}.{kind}" for layer in layers for kind in ("weight", "bias")}
 
 
-@pytest.mark.timeout(3 * RUN_TIMEOUT)
+@pytest.mark.timeout(4 * RUN_TIMEOUT)
+def test_the_readmes_fabric_example_runs_on_two_processes_with_one_draw_and_the_same_weights(runs):
+    rank0, rank1 = runs["readme"]
+    assert rank0["draws"] == rank1["draws"]
+    assert [epoch for epoch, _, _ in rank0["draws"]] == [2]  # epochs 0-3, every=2: one DROP epoch, one draw
+    for name, value in rank0["weights"].items():
+        assert torch.equal(value, rank1["weights"][name]), name
+    assert all(rank0["requires_grad"].values())
+
+
+@pytest.mark.timeout(4 * RUN_TIMEOUT)
 @pytest.mark.parametrize("mode", ["fabric", "ddp"])
 def test_every_rank_drops_the_same_layers_and_ends_with_the_same_weights(runs, mode):
     rank0, rank1 = runs[mode]
@@ -65,7 +75,7 @@ def test_every_rank_drops_the_same_layers_and_ends_with_the_same_weights(runs, m
     assert all(rank0["requires_grad"].values())  # released at the end
 
 
-@pytest.mark.timeout(3 * RUN_TIMEOUT)
+@pytest.mark.timeout(4 * RUN_TIMEOUT)
 def test_dropped_parameters_stay_bitwise_unchanged_on_every_rank_and_kept_ones_move(runs):
     for record in runs["fabric"]:
         dropped = param_names(next(s["dropped"] for s in record["steps"].values() if s["epoch"] == 2))
@@ -74,7 +84,7 @@ def test_dropped_parameters_stay_bitwise_unchanged_on_every_rank_and_kept_ones_m
             assert torch.equal(before[name], after[name]) == (name in dropped), name
 
 
-@pytest.mark.timeout(3 * RUN_TIMEOUT)
+@pytest.mark.timeout(4 * RUN_TIMEOUT)
 @pytest.mark.parametrize("mode", ["fabric", "ddp"])
 def test_drop_steps_all_reduce_only_the_gradients_of_kept_parameters(runs, mode):
     record = runs[mode][0]
@@ -87,7 +97,7 @@ def test_drop_steps_all_reduce_only_the_gradients_of_kept_parameters(runs, mode)
             assert step["reduced"] == total
 
 
-@pytest.mark.timeout(3 * RUN_TIMEOUT)
+@pytest.mark.timeout(4 * RUN_TIMEOUT)
 def test_a_ddp_wrapper_without_find_unused_parameters_fails_at_the_first_drop_epoch_on_every_rank(runs):
     for record in runs["ddp_strict"]:
         assert "find_unused_parameters=False" in record["error"]

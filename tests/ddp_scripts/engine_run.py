@@ -1,7 +1,8 @@
 """``LayerDropBack`` without the Trainer on 2 CPU processes (gloo); every rank writes what it saw.
 
-``python engine_run.py --out DIR --mode fabric``: the README's Fabric loop with ``Fabric(strategy="ddp")``, which
-re-launches this script as rank 1. ``--mode ddp``: a ``DistributedDataParallel`` the user built with
+``python engine_run.py --out DIR --mode readme``: the README's Fabric example itself, with
+``Fabric(accelerator="cpu", devices=2, strategy="ddp")`` and ``fabric.launch()`` (which re-launches this script as
+rank 1); each rank saves the draws and its final weights. ``--mode fabric``: the same loop, instrumented. ``--mode ddp``: a ``DistributedDataParallel`` the user built with
 ``find_unused_parameters=True``, ranks started with ``torch.multiprocessing.spawn``. ``--mode ddp_strict``: the same
 with DDP's defaults, which LDB must refuse at the first DROP epoch on every rank (no hang).
 
@@ -93,6 +94,37 @@ def run_fabric(out: Path, resample: str) -> None:
     torch.save(record, out / f"rank{fabric.global_rank}.pt")
 
 
+def run_readme(out: Path) -> None:
+    import re
+
+    import lightning_ldb
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    [block] = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "fabric=fabric" in b]
+    single = 'Fabric(accelerator="cpu", devices=1)'
+    assert single in block, "the README's Fabric example changed: update this script"
+    line = next(line for line in block.splitlines() if single in line)
+    block = block.replace(line, 'fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp")\nfabric.launch()')
+    draws: list[Any] = []
+
+    class Recorded(LayerDropBack):  # the README imports ``lightning_ldb.LayerDropBack``: this one records its draws
+        def draw(self, epoch: int, step: Any = None) -> None:
+            super().draw(epoch, step)
+            draws.append((epoch, step, self.dropped_layers))
+
+    lightning_ldb.LayerDropBack = Recorded  # type: ignore[misc]
+    namespace: dict[str, Any] = {"__name__": "__readme__"}
+    torch.manual_seed(0)  # the same initial model on both ranks (Fabric broadcasts it anyway)
+    exec(compile(block, "README.md (Fabric example)", "exec"), namespace)
+    fabric, model = namespace["fabric"], namespace["model"]
+    record = {
+        "draws": draws,
+        "weights": {n: p.detach().clone() for n, p in model.module.named_parameters()},
+        "requires_grad": {n: p.requires_grad for n, p in model.module.named_parameters()},
+    }
+    torch.save(record, out / f"rank{fabric.global_rank}.pt")
+
+
 def ddp_worker(rank: int, out: Path, resample: str, find_unused: bool) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.manual_seed(0)
@@ -112,13 +144,15 @@ def ddp_worker(rank: int, out: Path, resample: str, find_unused: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--mode", choices=["fabric", "ddp", "ddp_strict"], required=True)
+    parser.add_argument("--mode", choices=["readme", "fabric", "ddp", "ddp_strict"], required=True)
     parser.add_argument("--resample", default="epoch")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
-    if args.mode == "fabric":
+    if args.mode == "readme":
+        run_readme(out)
+    elif args.mode == "fabric":
         run_fabric(out, args.resample)
     else:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
