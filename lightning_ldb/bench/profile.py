@@ -1,0 +1,364 @@
+"""``ldb-bench --profile``: the ceiling of LDB's saving on the user's model and hardware, before any training.
+
+A few training steps of the user's model (its own ``training_step`` and optimizer, in a Trainer with the
+user's accelerator, precision and callbacks), after as many warm-up steps; medians:
+
+- ``full_step``: ``forward_s``, ``backward_s``, ``optimizer_s`` of one full step at the base batch (and the
+  same at the DROP batch under ``drop_batch_step``);
+- ``drop_step_ceiling``: the fraction of a full step's work (forward and backward FLOPs, counted by
+  ``torch.utils.flop_counter.FlopCounterMode``) that a DROP step skips in expectation at ``drop_rate``.
+  Weights mode: the candidate layers' weight-gradient FLOPs (backward with every candidate trainable minus
+  backward with every candidate frozen) times ``drop_rate``. Block mode: the candidate branches' whole
+  backward times ``drop_rate`` (``null`` without residual branches);
+- ``per_sample_s``: time per sample of a full step at the base and at the DROP batch size, what the batch
+  schedule can buy on this hardware;
+- ``peak_memory_bytes``: peak CUDA memory of a step at each batch size (``null`` off a GPU). A DROP batch
+  that does not fit is reported here (``"out of memory"``), not found hours into a run;
+- ``drop_epoch_ratio_floor``: the two combined, the shortest a DROP epoch can be against a full one:
+  ``per_sample(drop) / per_sample(base) * (1 - ceiling)``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable, Optional
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch.utils.flop_counter import FlopCounterMode
+
+from lightning_ldb import LayerDropBackCallback, discover_branches
+from lightning_ldb.bench.runner import BenchOptions, Setup, environment, kept_callbacks, run_on_gpu
+
+
+class _Batches:
+    """A fixed list of batches as a train loader (a plain list would read as several loaders)."""
+
+    def __init__(self, batches: Sequence[Any]) -> None:
+        self.batches = list(batches)
+
+    def __iter__(self) -> Any:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _concat(batches: Sequence[Any]) -> Any:
+    """One batch made of ``batches``, concatenated along the first dimension of every tensor."""
+    first = batches[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(list(batches)) if first.dim() else first
+    if isinstance(first, Mapping):
+        return type(first)({key: _concat([b[key] for b in batches]) for key in first})
+    if isinstance(first, (list, tuple)):
+        parts = [_concat([b[i] for b in batches]) for i in range(len(first))]
+        return type(first)(*parts) if hasattr(first, "_fields") else type(first)(parts)
+    return first
+
+
+def base_batches(setup: Setup, count: int) -> list[Any]:
+    """``count`` training batches of the user's train loader at the base batch size (cycled if it is shorter)."""
+    source = setup.datamodule if setup.datamodule is not None else setup.model
+    if setup.datamodule is not None:
+        setup.datamodule.prepare_data()
+        setup.datamodule.setup("fit")
+    batches: list[Any] = []
+    while len(batches) < count:
+        before = len(batches)
+        for batch in source.train_dataloader():
+            batches.append(batch)
+            if len(batches) == count:
+                break
+        if len(batches) == before:
+            raise ValueError(f"{type(source).__name__}.train_dataloader() yielded no batch; --profile needs one.")
+    return batches
+
+
+def _trainer(setup: Setup, callbacks: list[Callback], batches: int) -> Trainer:
+    kept, _ = kept_callbacks(setup.trainer_kwargs.get("callbacks"))
+    kwargs = {key: setup.trainer_kwargs[key] for key in ("accelerator", "devices", "precision", "strategy")
+              if key in setup.trainer_kwargs}  # fmt: skip
+    return Trainer(
+        **kwargs,
+        max_epochs=1,
+        limit_train_batches=batches,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[*kept, *callbacks],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+def drop_candidates(build: Callable[[], Setup], ldb: Mapping[str, Any]) -> dict[str, Any]:
+    """What a DROP step may drop, found through the public API only; ONE place, to swap for a newer API.
+
+    Weights mode: the callback's ``candidate_layers`` after a one-step fit (module names, or parameter names
+    with ``granularity="parameter"``). Block mode: ``lightning_ldb.discover_branches`` for the branches'
+    members, restricted to the block-mode callback's ``candidate_layers`` (``None`` when there is no branch).
+
+    Returns:
+        ``{"weights": [name, ...], "block": [(entry name, [member names]), ...] or None}``.
+    """
+    found: dict[str, Any] = {"weights": [], "block": None}
+    for mode in ("weights", "block"):
+        setup = build()
+        if mode == "block":
+            branches = {b.name: b.members for b in discover_branches(setup.model, ldb.get("branches"))}
+            if not branches:
+                break
+        settings = {**ldb, "backward": mode, "batch_scale": 1, "every": 1}
+        if mode == "weights":
+            settings["branches"] = None
+        callback = LayerDropBackCallback(**settings)
+        _trainer(setup, [callback], 1).fit(setup.model, train_dataloaders=_Batches(base_batches(setup, 1)))
+        names = list(callback.candidate_layers)
+        found[mode] = names if mode == "weights" else [(name, list(branches[name])) for name in names]
+    return found
+
+
+class _StepTimer(Callback):
+    """Forward, backward and optimizer seconds of every training step, CUDA-synchronised at each boundary."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[float, float, float]] = []
+        self._marks: list[float] = []
+
+    def _mark(self, module: LightningModule) -> None:
+        if module.device.type == "cuda":
+            torch.cuda.synchronize(module.device)
+        self._marks.append(time.perf_counter())
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._marks = []
+        self._mark(pl_module)
+
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
+        self._mark(pl_module)
+
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._mark(pl_module)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self._mark(pl_module)
+        if len(self._marks) == 4:
+            start, forward, backward, end = self._marks
+            self.steps.append((forward - start, backward - forward, end - backward))
+
+
+def time_steps(build: Callable[[], Setup], batches: Sequence[Any], warmup: int) -> dict[str, Any]:
+    """Median forward/backward/optimizer seconds over ``batches[warmup:]``, and the peak CUDA memory."""
+    setup = build()
+    timer = _StepTimer()
+    trainer = _trainer(setup, [timer], len(batches))
+    on_gpu = run_on_gpu({"accelerator": setup.trainer_kwargs.get("accelerator", "auto")})
+    if on_gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        trainer.fit(setup.model, train_dataloaders=_Batches(batches))
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {"error": "out of memory"}
+    timed = timer.steps[warmup:] or timer.steps
+    forward, backward, optimizer = (statistics.median(step[i] for step in timed) for i in range(3))
+    return {
+        "forward_s": forward,
+        "backward_s": backward,
+        "optimizer_s": optimizer,
+        "step_s": forward + backward + optimizer,
+        "timed_steps": len(timed),
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
+    }
+
+
+def _loss(model: LightningModule, batch: Any) -> torch.Tensor:
+    out = model.training_step(batch, 0)
+    return out["loss"] if isinstance(out, Mapping) else out
+
+
+def count_flops(
+    model: LightningModule, batch: Any, weights: Sequence[str], branches: Optional[Sequence[tuple[str, Sequence[str]]]]
+) -> dict[str, Any]:
+    """Forward and backward FLOPs of one training step on ``batch``, and what each mode's candidates account for.
+
+    Returns:
+        ``forward``, ``backward``: FLOPs of a full step; ``weights_saving``: backward FLOPs with every weights
+        candidate trainable minus with every candidate frozen; ``block_saving``: the candidate branches'
+        backward FLOPs (``None`` without branches).
+    """
+    model.train()
+    modules, parameters = dict(model.named_modules()), dict(model.named_parameters())
+    root = type(model).__name__
+
+    def step(frozen: Sequence[torch.nn.Parameter] = ()) -> tuple[FlopCounterMode, float]:
+        states = [p.requires_grad for p in frozen]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            with FlopCounterMode(display=False) as forward:
+                loss = _loss(model, batch)
+            with FlopCounterMode(display=False) as both:
+                loss = _loss(model, batch)
+                loss.backward()
+        finally:
+            for p, state in zip(frozen, states):
+                p.requires_grad_(state)
+            model.zero_grad(set_to_none=True)
+        return both, float(forward.get_total_flops())
+
+    both, forward_flops = step()
+    backward_flops = both.get_total_flops() - forward_flops
+    candidate_params = []
+    for name in weights:
+        if name in modules:
+            candidate_params += list(modules[name].parameters(recurse=False))
+        elif name in parameters:
+            candidate_params.append(parameters[name])
+    frozen_both, frozen_forward = step([p for p in candidate_params if p.requires_grad])
+    weights_saving = backward_flops - (frozen_both.get_total_flops() - frozen_forward)
+    block_saving = None
+    if branches is not None:
+        with FlopCounterMode(display=False) as forward_only:
+            _loss(model, batch)
+        total = {k: sum(v.values()) for k, v in both.get_flop_counts().items()}
+        forward_part = {k: sum(v.values()) for k, v in forward_only.get_flop_counts().items()}
+        block_saving = 0.0
+        for _, members in branches:
+            for member in members:
+                key = f"{root}.{member}"
+                block_saving += total.get(key, 0) - forward_part.get(key, 0)
+    return {
+        "forward": forward_flops,
+        "backward": float(backward_flops),
+        "weights_saving": float(weights_saving),
+        "block_saving": block_saving,
+    }
+
+
+def profile(
+    build: Callable[[], Setup], options: BenchOptions, steps: int = 5, about: Optional[Mapping[str, Any]] = None
+) -> dict[str, Any]:
+    """Measure the ceiling of LDB's saving on a freshly built setup; return the ``ldb-profile/1`` dict.
+
+    Args:
+        build: Returns a fresh :class:`~lightning_ldb.bench.runner.Setup`.
+        options: Its ``ldb`` settings (``drop_rate``, ``batch_scale``, ...) and ``name``.
+        steps: Timed steps per batch size, after as many warm-up steps.
+        about: What was profiled (class names), recorded under ``"config"``.
+
+    Raises:
+        ValueError: If ``steps`` is below 1 or the train loader yields nothing.
+    """
+    if steps < 1:
+        raise ValueError(f"`profile_steps` must be >= 1, got {steps!r}.")
+    ldb = options.ldb
+    scale = int(ldb["batch_scale"])
+    candidates = drop_candidates(build, ldb)
+    setup = build()
+    base = base_batches(setup, 2 * steps * scale)
+    drop = [_concat(base[i : i + scale]) for i in range(0, len(base), scale)][: 2 * steps]
+    base = base[: 2 * steps]
+    base_size, drop_size = _size(base[0]), _size(drop[0])
+    full = time_steps(build, base, steps)
+    at_drop = time_steps(build, drop, steps) if scale > 1 else dict(full)
+    model = build().model
+    on_gpu = run_on_gpu({"accelerator": setup.trainer_kwargs.get("accelerator", "auto")})
+    device = torch.device("cuda") if on_gpu else torch.device("cpu")
+    model.to(device)
+    flops = count_flops(model, model.transfer_batch_to_device(base[0], device, 0), candidates["weights"],
+                        candidates["block"])  # fmt: skip
+    total = flops["forward"] + flops["backward"]
+    p = float(ldb["drop_rate"])
+    ceiling = {
+        "weights": p * flops["weights_saving"] / total if total else None,
+        "block": p * flops["block_saving"] / total if total and flops["block_saving"] is not None else None,
+    }
+    per_sample = {
+        "base_batch": full["step_s"] / base_size if "step_s" in full else None,
+        "drop_batch": at_drop["step_s"] / drop_size if "step_s" in at_drop else None,
+    }
+    schedule = per_sample["drop_batch"] / per_sample["base_batch"] if per_sample["drop_batch"] else None
+    return {
+        "schema": "ldb-profile/1",
+        "config": {"name": options.name, **(about or {}), "ldb": {k: ldb[k] for k in ("drop_rate", "batch_scale",
+                   "keep_first", "keep_last", "granularity")}, "steps": steps},  # fmt: skip
+        "environment": environment(on_gpu),
+        "base_batch_size": base_size,
+        "drop_batch_size": drop_size,
+        "candidates": {"weights": len(candidates["weights"]),
+                       "block": None if candidates["block"] is None else len(candidates["block"])},  # fmt: skip
+        "full_step": {k: full.get(k) for k in ("forward_s", "backward_s", "optimizer_s")},
+        "drop_batch_step": {k: at_drop.get(k) for k in ("forward_s", "backward_s", "optimizer_s", "error")},
+        "flops": flops,
+        "drop_step_ceiling": ceiling,
+        "per_sample_s": per_sample,
+        "schedule_per_sample_ratio": schedule,
+        "drop_epoch_ratio_floor": {
+            mode: schedule * (1.0 - value) if schedule is not None and value is not None else None
+            for mode, value in ceiling.items()
+        },
+        "peak_memory_bytes": {"base_batch": full.get("peak_memory_bytes"),
+                              "drop_batch": at_drop.get("peak_memory_bytes", at_drop.get("error"))},  # fmt: skip
+    }
+
+
+def _size(batch: Any) -> int:
+    from lightning_ldb.bench.runner import batch_length
+
+    size = batch_length(batch)
+    if size is None:
+        raise ValueError("--profile needs batches holding tensors (their first dimension is the batch size).")
+    return size
+
+
+def _fmt(value: Optional[float], spec: str, scale: float = 1.0, unit: str = "") -> str:
+    return "–" if value is None else f"{value * scale:{spec}}{unit}"
+
+
+def render(result: Mapping[str, Any]) -> str:
+    """The short printed table of a profile."""
+    full, drop = result["full_step"], result["drop_batch_step"]
+    per, memory, ceiling, floor = (result[k] for k in ("per_sample_s", "peak_memory_bytes", "drop_step_ceiling",
+                                                      "drop_epoch_ratio_floor"))  # fmt: skip
+    env, config = result["environment"], result["config"]
+    base, scaled = f"base batch {result['base_batch_size']}", f"DROP batch {result['drop_batch_size']}"
+
+    def memory_cell(value: Any) -> str:
+        return value if isinstance(value, str) else _fmt(value, ".0f", 1 / 2**20, " MiB")
+
+    rows = [
+        ("forward (ms)", _fmt(full["forward_s"], ".2f", 1e3), _fmt(drop.get("forward_s"), ".2f", 1e3)),
+        ("backward (ms)", _fmt(full["backward_s"], ".2f", 1e3), _fmt(drop.get("backward_s"), ".2f", 1e3)),
+        ("optimizer (ms)", _fmt(full["optimizer_s"], ".2f", 1e3), _fmt(drop.get("optimizer_s"), ".2f", 1e3)),
+        ("per sample (ms)", _fmt(per["base_batch"], ".3f", 1e3), _fmt(per["drop_batch"], ".3f", 1e3)),
+        ("peak memory", memory_cell(memory["base_batch"]), memory_cell(memory["drop_batch"])),
+    ]
+    width = max(len(r[0]) for r in rows) + 2
+    lines = [
+        f"ldb-bench --profile: {config['name']} on {env['device']} ({env['cpu']}), full steps, median of"
+        f" {config['steps']} after {config['steps']} warm-up",
+        f"{'':{width}}{base:>16}{scaled:>18}",
+        *(f"{name:{width}}{a:>16}{b:>18}" for name, a, b in rows),
+    ]
+    candidates = result["candidates"]
+    p = config["ldb"]["drop_rate"]
+    block = (
+        f"block {_fmt(ceiling['block'], '.1%')} ({candidates['block']} candidate branches)"
+        if candidates["block"] is not None else "block – (no residual branch found)"
+    )  # fmt: skip
+    lines.append(
+        f"DROP step ceiling at drop_rate {p}: weights {_fmt(ceiling['weights'], '.1%')} of a full step's FLOPs"
+        f" ({candidates['weights']} candidate layers); {block}."
+    )
+    if result["schedule_per_sample_ratio"] is not None:
+        lines.append(
+            f"Schedule: a sample costs {result['schedule_per_sample_ratio']:.2f}x at the DROP batch. Shortest DROP"
+            f" epoch / full epoch: weights {_fmt(floor['weights'], '.2f')}, block {_fmt(floor['block'], '.2f')}."
+        )
+    return "\n".join(lines)
