@@ -10,7 +10,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import torch
 from torch import nn
 
 from lightning_ldb.examples import ImageClassifier, build_model
