@@ -69,7 +69,7 @@ _OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
     ("--sd-rate", float, 0.5, "stochastic-depth: the last block's drop rate, decaying linearly to the first"),
     ("--freeze-start", float, 0.5, "freezing: fraction of training before freezing begins (Composer's default)"),
     ("--freeze-level", float, 1.0, "freezing: fraction of layers frozen by the end (Composer's default)"),
-    ("--profile-steps", int, 5, "--profile: timed steps per batch size, after as many warm-up steps"),
+    ("--profile-steps", int, 10, "--profile: timed steps per batch size, after as many warm-up steps"),
     ("--out", str, "outputs/ldb-bench", "output folder"),
 )  # fmt: skip
 _LDB_FLAGS = ("drop_rate", "every", "lr_scale", "batch_scale", "keep_first", "keep_last")
@@ -139,7 +139,7 @@ def _quiet_lightning(verbose: bool) -> Iterator[None]:
         with warnings.catch_warnings():
             for message in ("does not have many workers", "smaller than the logging interval",
                             "reload_dataloaders_every_n_epochs", "You are trying to `self.log", "args parameter is",
-                            "Checkpoint directory"):  # fmt: skip
+                            "Checkpoint directory", "but have no `val_dataloader`"):  # fmt: skip
                 warnings.filterwarnings("ignore", message=f".*{message}.*")
             for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
                 warnings.filterwarnings("ignore", category=category)

@@ -10,8 +10,10 @@ user's accelerator, precision and callbacks), after as many warm-up steps; media
   Weights mode: the candidate layers' weight-gradient FLOPs (backward with every candidate trainable minus
   backward with every candidate frozen) times ``drop_rate``. Block mode: the candidate branches' whole
   backward times ``drop_rate`` (``null`` without residual branches);
-- ``per_sample_s``: time per sample of a full step at the base and at the DROP batch size, what the batch
-  schedule can buy on this hardware;
+- ``per_sample_s``: time per sample of a full training iteration (the step and Lightning's per-step work,
+  from one step's start to the next one's) at the base and at the DROP batch size, what the batch schedule
+  can buy on this hardware. Data loading is left out (the batches are loaded beforehand), so where loading
+  dominates a step (tiny models) the real DROP epochs gain more than this says;
 - ``peak_memory_bytes``: peak CUDA memory of a step at each batch size (``null`` off a GPU). A DROP batch
   that does not fit is reported here (``"out of memory"``), not found hours into a run;
 - ``drop_epoch_ratio_floor``: the two combined, the shortest a DROP epoch can be against a full one:
@@ -123,11 +125,17 @@ def drop_candidates(build: Callable[[], Setup], ldb: Mapping[str, Any]) -> dict[
 
 
 class _StepTimer(Callback):
-    """Forward, backward and optimizer seconds of every training step, CUDA-synchronised at each boundary."""
+    """Forward, backward and optimizer seconds of every training step, CUDA-synchronised at each boundary.
+
+    ``starts`` holds each step's start and the last step's end: their differences are whole iterations,
+    Lightning's per-step work between steps included.
+    """
 
     def __init__(self) -> None:
         self.steps: list[tuple[float, float, float]] = []
+        self.starts: list[float] = []
         self._marks: list[float] = []
+        self.last_end = 0.0
 
     def _mark(self, module: LightningModule) -> None:
         if module.device.type == "cuda":
@@ -137,6 +145,7 @@ class _StepTimer(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._marks = []
         self._mark(pl_module)
+        self.starts.append(self._marks[0])
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         self._mark(pl_module)
@@ -149,6 +158,7 @@ class _StepTimer(Callback):
         if len(self._marks) == 4:
             start, forward, backward, end = self._marks
             self.steps.append((forward - start, backward - forward, end - backward))
+            self.last_end = end
 
 
 def time_steps(build: Callable[[], Setup], batches: Sequence[Any], warmup: int) -> dict[str, Any]:
@@ -167,11 +177,12 @@ def time_steps(build: Callable[[], Setup], batches: Sequence[Any], warmup: int) 
         return {"error": "out of memory"}
     timed = timer.steps[warmup:] or timer.steps
     forward, backward, optimizer = (statistics.median(step[i] for step in timed) for i in range(3))
+    marks = [*timer.starts, timer.last_end][warmup:]
     return {
         "forward_s": forward,
         "backward_s": backward,
         "optimizer_s": optimizer,
-        "step_s": forward + backward + optimizer,
+        "iteration_s": statistics.median(b - a for a, b in zip(marks, marks[1:])),
         "timed_steps": len(timed),
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
     }
@@ -280,8 +291,8 @@ def profile(
         "block": p * flops["block_saving"] / total if total and flops["block_saving"] is not None else None,
     }
     per_sample = {
-        "base_batch": full["step_s"] / base_size if "step_s" in full else None,
-        "drop_batch": at_drop["step_s"] / drop_size if "step_s" in at_drop else None,
+        "base_batch": full["iteration_s"] / base_size if "iteration_s" in full else None,
+        "drop_batch": at_drop["iteration_s"] / drop_size if "iteration_s" in at_drop else None,
     }
     schedule = per_sample["drop_batch"] / per_sample["base_batch"] if per_sample["drop_batch"] else None
     return {
@@ -341,8 +352,8 @@ def render(result: Mapping[str, Any]) -> str:
     ]
     width = max(len(r[0]) for r in rows) + 2
     lines = [
-        f"ldb-bench --profile: {config['name']} on {env['device']} ({env['cpu']}), full steps, median of"
-        f" {config['steps']} after {config['steps']} warm-up",
+        f"ldb-bench --profile: {config['name']} on {env['device']} ({env['cpu']}), full steps (data loading"
+        f" excluded), median of {config['steps']} after {config['steps']} warm-up",
         f"{'':{width}}{base:>16}{scaled:>18}",
         *(f"{name:{width}}{a:>16}{b:>18}" for name, a, b in rows),
     ]

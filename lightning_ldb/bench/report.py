@@ -293,6 +293,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
                       hatch="//" if drop else None, edgecolor="black" if drop else colors[variant])  # fmt: skip
             if drop:
                 right.plot(x, seconds, marker="v", color="black", markersize=5)
+    right.set_xticks(sorted({e["epoch"] for run in result["runs"] for e in run["epochs"]}))
     right.set_xlabel("epoch (hatched, marked: DROP epoch)")
     right.set_ylabel("training seconds")
     right.set_title("each epoch's time")
