@@ -95,8 +95,12 @@ class BenchCLI(LDBCLI):
             verbose=verbose,
             run=False,
             save_config_callback=None,
-            parser_kwargs={"description": DESCRIPTION, "epilog": EPILOG.format(prog="ldb-bench"),
-                           "formatter_class": formatter},  # fmt: skip
+            parser_kwargs={
+                "prog": "ldb-bench",
+                "description": DESCRIPTION,
+                "epilog": EPILOG.format(prog="ldb-bench"),
+                "formatter_class": formatter,
+            },
         )
 
     def add_arguments_to_parser(self, parser: LDBArgumentParser) -> None:

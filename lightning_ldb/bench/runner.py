@@ -253,6 +253,7 @@ class EpochClock(Callback):
         self._start = 0.0
         self._steps = 0
         self._batch_size = 0
+        self._logged: Optional[int] = None
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         epoch_seed = derived_seed(self.seed, 5, trainer.current_epoch) % 2**32
@@ -297,10 +298,11 @@ class EpochClock(Callback):
         self._log_epoch(record)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.epochs and not any(is_validation_metric(key) for key in self.epochs[-1]):
+        if self.epochs and self._logged != self.epochs[-1]["epoch"]:
             self._log_epoch(self.epochs[-1])  # no validation ran this epoch
 
     def _log_epoch(self, record: dict[str, Any]) -> None:
+        self._logged = record["epoch"]
         metrics = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if is_validation_metric(k))
         self._log(
             f"    epoch {record['epoch']} ({record['mode']}): {record['seconds']:.2f} s, {record['steps']} steps of"
@@ -454,6 +456,8 @@ def prepare(
         ValueError: On settings LDB rejects, a variant that does not apply, or no DROP epoch within ``epochs``.
     """
     setup = build()
+    if options.name == BenchOptions.name:
+        options.name = type(setup.model).__name__
     ldb = {**PAPER_LDB, **(ldb_settings(setup.trainer_kwargs.get("callbacks")) or {}), **(ldb_overrides or {})}
     variants, notes = resolve_variants(requested, setup, ldb)
     options.ldb, options.variants = ldb, variants
@@ -541,7 +545,6 @@ def compare(
         return Setup(model, datamodule, user_kwargs)
 
     options = BenchOptions(
-        name=model_factory.__name__ if hasattr(model_factory, "__name__") else type(model_factory).__name__,
         epochs=epochs,
         repeats=repeats,
         seed=seed,
@@ -552,5 +555,5 @@ def compare(
     options, notes = prepare(build, options, variants, ldb)
     for note in notes:
         log(f"Note: {note}")
-    about = {"accelerator": str(user_kwargs.get("accelerator", "auto"))}
+    about = {"model_class": options.name, "accelerator": str(user_kwargs.get("accelerator", "auto"))}
     return run_benchmark(build, options, log, notes, about)
