@@ -218,6 +218,26 @@ def test_profile_ceiling_counts_the_candidates_weight_gradients_by_hand():
     assert flops["weights_saving"] == per_layer and flops["block_saving"] is None
 
 
+def test_profile_ceiling_counts_a_dropped_branchs_whole_backward_by_hand():
+    """y = x + conv2(relu(bn1(conv1(x)))) in a torchvision BasicBlock: a dropped branch skips both convs'
+    weight and input gradients; the stem below still gets its gradient through the shortcut."""
+    from lightning_ldb.bench.profile import count_flops
+
+    class Block(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(1, 4, 1, bias=False)
+            self.block = BasicBlock(4, 4)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.block(self.stem(batch)).sum()
+
+    flops = count_flops(Block(), torch.ones(2, 1, 3, 3), ["block.conv1"], ["block.conv1"])
+    conv = 2 * 2 * 9 * 4 * 4 * 9  # 2 * batch * positions * in * out * 3x3
+    assert flops["weights_saving"] == conv  # conv1's weight gradient only
+    assert flops["block_saving"] == 4 * conv  # both convs' weight and input gradients
+
+
 # ---------------------------------------------------------------------------------------------- fairness
 class _FirstBatches(Callback):
     """Records the labels of each epoch's first training batch, per run."""

@@ -76,7 +76,7 @@ _LDB_FLAGS = ("drop_rate", "every", "lr_scale", "batch_scale", "keep_first", "ke
 
 
 class BenchCLI(LDBCLI):
-    """``ldb``'s parser and instantiation (:class:`~lightning_ldb.cli.LDBCLI`, ``run=False``) plus the benchmark's options.
+    """``ldb``'s parser and instantiation (:class:`~lightning_ldb.cli.LDBCLI`, ``run=False``) plus the bench options.
 
     Constructing it parses the arguments, seeds (``seed_everything``) and instantiates the model, the data
     and the trainer's callbacks, as ``ldb fit`` would; it builds no Trainer (:meth:`setup` returns the
@@ -105,8 +105,8 @@ class BenchCLI(LDBCLI):
 
     def add_arguments_to_parser(self, parser: LDBArgumentParser) -> None:
         group = parser.add_argument_group("ldb-bench")
-        group.add_argument("--profile", action=ActionYesNo, default=False,
-                           help="measure the ceiling in a few steps (profile.json) instead of the training runs")  # fmt: skip
+        text = "measure the ceiling in a few steps (profile.json) instead of the training runs"
+        group.add_argument("--profile", action=ActionYesNo, default=False, help=text)
         for flag, kind, default, text in _OPTIONS:
             group.add_argument(flag, type=kind, default=default, help=text)
 

@@ -106,7 +106,7 @@ def load_splits(
 
 
 class BenchDataModule(LDBDataModuleMixin, LightningDataModule):
-    """The presets' data as a DataModule a YAML config names: ``data: {class_path: lightning_ldb.bench.BenchDataModule}``.
+    """The presets' data, as a DataModule a config names (``class_path: lightning_ldb.bench.BenchDataModule``).
 
     Training order of epoch ``e`` depends only on ``(seed, e)``; DROP epochs load batches ``batch_scale`` times
     larger through :class:`~lightning_ldb.LDBDataModuleMixin`.

@@ -105,14 +105,13 @@ def drop_candidates(build: Callable[[], Setup], ldb: Mapping[str, Any]) -> dict[
     members, restricted to the block-mode callback's ``candidate_layers`` (``None`` when there is no branch).
 
     Returns:
-        ``{"weights": [name, ...], "block": [(entry name, [member names]), ...] or None}``.
+        ``{"weights": [name, ...], "block": [branch entry name, ...] or None}``.
     """
     found: dict[str, Any] = {"weights": [], "block": None}
     for mode in ("weights", "block"):
         setup = build()
         if mode == "block":
-            branches = {b.name: b.members for b in discover_branches(setup.model, ldb.get("branches"))}
-            if not branches:
+            if not discover_branches(setup.model, ldb.get("branches")):
                 break
         settings = {**ldb, "backward": mode, "batch_scale": 1, "every": 1}
         if mode == "weights":
@@ -120,7 +119,7 @@ def drop_candidates(build: Callable[[], Setup], ldb: Mapping[str, Any]) -> dict[
         callback = LayerDropBackCallback(**settings)
         _trainer(setup, [callback], 1).fit(setup.model, train_dataloaders=_Batches(base_batches(setup, 1)))
         names = list(callback.candidate_layers)
-        found[mode] = names if mode == "weights" else [(name, list(branches[name])) for name in names]
+        found[mode] = names
     return found
 
 
@@ -194,62 +193,77 @@ def _loss(model: LightningModule, batch: Any) -> torch.Tensor:
 
 
 def count_flops(
-    model: LightningModule, batch: Any, weights: Sequence[str], branches: Optional[Sequence[tuple[str, Sequence[str]]]]
+    model: LightningModule,
+    batch: Any,
+    weights: Sequence[str],
+    branches: Optional[Sequence[str]],
+    branches_spec: Any = None,
 ) -> dict[str, Any]:
     """Forward and backward FLOPs of one training step on ``batch``, and what each mode's candidates account for.
 
+    Both savings are differences of whole backward passes, counted by ``FlopCounterMode``: with every
+    candidate in play, and with every candidate taken out as a DROP step takes it out. Weights mode: the
+    candidate layers frozen (no weight gradient). Block mode: each candidate branch computed on its detached
+    input with frozen weights (``backward="block"``'s own mechanism), so the backward never enters it.
+
+    Args:
+        model: The LightningModule (its ``training_step`` gives the loss).
+        batch: One training batch, on the model's device.
+        weights: Names of the weights-mode candidates (modules, or parameters with ``granularity="parameter"``).
+        branches: Entry names of the block-mode candidate branches; ``None`` without branches.
+        branches_spec: The callback's ``branches`` argument, to find the branches again on ``model``.
+
     Returns:
-        ``forward``, ``backward``: FLOPs of a full step; ``weights_saving``: backward FLOPs with every weights
-        candidate trainable minus with every candidate frozen; ``block_saving``: the candidate branches'
-        backward FLOPs (``None`` without branches).
+        ``forward``, ``backward``: FLOPs of a full step; ``weights_saving`` and ``block_saving``: backward FLOPs
+        a DROP step with every candidate dropped skips (``block_saving`` is ``None`` without branches).
     """
     model.train()
     modules, parameters = dict(model.named_modules()), dict(model.named_parameters())
-    root = type(model).__name__
 
-    def step(frozen: Sequence[torch.nn.Parameter] = ()) -> tuple[FlopCounterMode, float]:
+    def backward_flops(frozen: Sequence[torch.nn.Parameter] = (), detached: Sequence[torch.nn.Module] = ()) -> tuple:
         states = [p.requires_grad for p in frozen]
         for p in frozen:
             p.requires_grad_(False)
+        hooks = [entry.register_forward_pre_hook(_detach_inputs, with_kwargs=True) for entry in detached]
         try:
             with FlopCounterMode(display=False) as forward:
                 loss = _loss(model, batch)
-            with FlopCounterMode(display=False) as both:
-                loss = _loss(model, batch)
+            with FlopCounterMode(display=False) as backward:
                 loss.backward()
         finally:
+            for hook in hooks:
+                hook.remove()
             for p, state in zip(frozen, states):
                 p.requires_grad_(state)
             model.zero_grad(set_to_none=True)
-        return both, float(forward.get_total_flops())
+        return float(forward.get_total_flops()), float(backward.get_total_flops())
 
-    both, forward_flops = step()
-    backward_flops = both.get_total_flops() - forward_flops
+    forward_flops, full_backward = backward_flops()
     candidate_params = []
     for name in weights:
         if name in modules:
             candidate_params += list(modules[name].parameters(recurse=False))
         elif name in parameters:
             candidate_params.append(parameters[name])
-    frozen_both, frozen_forward = step([p for p in candidate_params if p.requires_grad])
-    weights_saving = backward_flops - (frozen_both.get_total_flops() - frozen_forward)
+    _, weights_backward = backward_flops([p for p in candidate_params if p.requires_grad])
     block_saving = None
     if branches is not None:
-        with FlopCounterMode(display=False) as forward_only:
-            _loss(model, batch)
-        total = {k: sum(v.values()) for k, v in both.get_flop_counts().items()}
-        forward_part = {k: sum(v.values()) for k, v in forward_only.get_flop_counts().items()}
-        block_saving = 0.0
-        for _, members in branches:
-            for member in members:
-                key = f"{root}.{member}"
-                block_saving += total.get(key, 0) - forward_part.get(key, 0)
+        chosen = [b for b in discover_branches(model, branches_spec) if b.name in set(branches)]
+        frozen = [p for b in chosen for p in b.parameters if p.requires_grad]
+        _, block_backward = backward_flops(frozen, [b.entry for b in chosen])
+        block_saving = full_backward - block_backward
     return {
         "forward": forward_flops,
-        "backward": float(backward_flops),
-        "weights_saving": float(weights_saving),
+        "backward": full_backward,
+        "weights_saving": full_backward - weights_backward,
         "block_saving": block_saving,
     }
+
+
+def _detach_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """A forward pre-hook: the module's tensor inputs detached, as block mode feeds a dropped branch."""
+    detach = lambda value: value.detach() if isinstance(value, torch.Tensor) else value  # noqa: E731
+    return tuple(detach(a) for a in args), {k: detach(v) for k, v in kwargs.items()}
 
 
 def profile(
@@ -282,8 +296,8 @@ def profile(
     on_gpu = run_on_gpu({"accelerator": setup.trainer_kwargs.get("accelerator", "auto")})
     device = torch.device("cuda") if on_gpu else torch.device("cpu")
     model.to(device)
-    flops = count_flops(model, model.transfer_batch_to_device(base[0], device, 0), candidates["weights"],
-                        candidates["block"])  # fmt: skip
+    batch = model.transfer_batch_to_device(base[0], device, 0)
+    flops = count_flops(model, batch, candidates["weights"], candidates["block"], ldb.get("branches"))
     total = flops["forward"] + flops["backward"]
     p = float(ldb["drop_rate"])
     ceiling = {
