@@ -12,7 +12,8 @@ user's accelerator, precision and callbacks), after as many warm-up steps; media
   backward times ``drop_rate`` (``null`` without residual branches);
 - ``per_sample_s``: time per sample of a full training iteration (the step and Lightning's per-step work,
   from one step's start to the next one's) at the base and at the DROP batch size, what the batch schedule
-  can buy on this hardware. Data loading is left out (the batches are loaded beforehand), so where loading
+  can buy on this hardware, the two sizes alternating in one fit so that both see the same machine. Data
+  loading is left out (the batches are loaded beforehand), so where loading
   dominates a step (tiny models) the real DROP epochs gain more than this says;
 - ``peak_memory_bytes``: peak CUDA memory of a step at each batch size (``null`` off a GPU). A DROP batch
   that does not fit is reported here (``"out of memory"``), not found hours into a run;
@@ -124,16 +125,17 @@ def drop_candidates(build: Callable[[], Setup], ldb: Mapping[str, Any]) -> dict[
 
 
 class _StepTimer(Callback):
-    """Forward, backward and optimizer seconds of every training step, CUDA-synchronised at each boundary.
+    """Size, forward, backward and optimizer seconds of every training step, CUDA-synchronised at each boundary.
 
     ``starts`` holds each step's start and the last step's end: their differences are whole iterations,
     Lightning's per-step work between steps included.
     """
 
     def __init__(self) -> None:
-        self.steps: list[tuple[float, float, float]] = []
+        self.steps: list[tuple[int, float, float, float]] = []
         self.starts: list[float] = []
         self._marks: list[float] = []
+        self._size = 0
         self.last_end = 0.0
 
     def _mark(self, module: LightningModule) -> None:
@@ -142,7 +144,7 @@ class _StepTimer(Callback):
         self._marks.append(time.perf_counter())
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self._marks = []
+        self._marks, self._size = [], _size(batch)
         self._mark(pl_module)
         self.starts.append(self._marks[0])
 
@@ -156,35 +158,43 @@ class _StepTimer(Callback):
         self._mark(pl_module)
         if len(self._marks) == 4:
             start, forward, backward, end = self._marks
-            self.steps.append((forward - start, backward - forward, end - backward))
+            self.steps.append((self._size, forward - start, backward - forward, end - backward))
             self.last_end = end
 
 
-def time_steps(build: Callable[[], Setup], batches: Sequence[Any], warmup: int) -> dict[str, Any]:
-    """Median forward/backward/optimizer seconds over ``batches[warmup:]``, and the peak CUDA memory."""
+def time_steps(build: Callable[[], Setup], batches: Sequence[Any], warmup: int) -> dict[int, dict[str, float]]:
+    """Median forward/backward/optimizer/iteration seconds per batch size over ``batches[warmup:]``, in one fit.
+
+    Batches of both sizes alternate within the fit, so both see the same machine (a shared CPU's load moves).
+    """
     setup = build()
     timer = _StepTimer()
-    trainer = _trainer(setup, [timer], len(batches))
-    on_gpu = run_on_gpu({"accelerator": setup.trainer_kwargs.get("accelerator", "auto")})
-    if on_gpu:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    _trainer(setup, [timer], len(batches)).fit(setup.model, train_dataloaders=_Batches(batches))
+    iterations = [b - a for a, b in zip(timer.starts, [*timer.starts[1:], timer.last_end])]
+    by_size: dict[int, dict[str, float]] = {}
+    for size in dict.fromkeys(step[0] for step in timer.steps):
+        timed = [(s, it) for s, it in zip(timer.steps, iterations) if s[0] == size][warmup:]
+        by_size[size] = {
+            name: statistics.median(row[i] for row, _ in timed)
+            for i, name in ((1, "forward_s"), (2, "backward_s"), (3, "optimizer_s"))
+        }
+        by_size[size]["iteration_s"] = statistics.median(it for _, it in timed)
+    return by_size
+
+
+def peak_memory(build: Callable[[], Setup], batch: Any) -> Any:
+    """Peak CUDA memory (bytes) of two training steps on ``batch``, or ``"out of memory"``."""
+    setup = build()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
     try:
-        trainer.fit(setup.model, train_dataloaders=_Batches(batches))
+        _trainer(setup, [], 2).fit(setup.model, train_dataloaders=_Batches([batch, batch]))
     except torch.cuda.OutOfMemoryError:
+        return "out of memory"
+    finally:
+        del setup
         torch.cuda.empty_cache()
-        return {"error": "out of memory"}
-    timed = timer.steps[warmup:] or timer.steps
-    forward, backward, optimizer = (statistics.median(step[i] for step in timed) for i in range(3))
-    marks = [*timer.starts, timer.last_end][warmup:]
-    return {
-        "forward_s": forward,
-        "backward_s": backward,
-        "optimizer_s": optimizer,
-        "iteration_s": statistics.median(b - a for a, b in zip(marks, marks[1:])),
-        "timed_steps": len(timed),
-        "peak_memory_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
-    }
+    return torch.cuda.max_memory_allocated()
 
 
 def _loss(model: LightningModule, batch: Any) -> torch.Tensor:
@@ -290,10 +300,15 @@ def profile(
     drop = [_concat(base[i : i + scale]) for i in range(0, len(base), scale)][: 2 * steps]
     base = base[: 2 * steps]
     base_size, drop_size = _size(base[0]), _size(drop[0])
-    full = time_steps(build, base, steps)
-    at_drop = time_steps(build, drop, steps) if scale > 1 else dict(full)
-    model = build().model
     on_gpu = run_on_gpu({"accelerator": setup.trainer_kwargs.get("accelerator", "auto")})
+    memory: dict[str, Any] = {"base_batch": None, "drop_batch": None}
+    if on_gpu:  # the DROP batch first: one that does not fit is reported, and only the base batch is timed
+        memory = {"drop_batch": peak_memory(build, drop[0]), "base_batch": peak_memory(build, base[0])}
+    fits = memory["drop_batch"] != "out of memory"
+    interleaved = [batch for pair in zip(base, drop) for batch in pair] if scale > 1 and fits else base
+    times = time_steps(build, interleaved, steps)
+    full, at_drop = times[base_size], times.get(drop_size, {"error": "out of memory"} if not fits else {})
+    model = build().model
     device = torch.device("cuda") if on_gpu else torch.device("cpu")
     model.to(device)
     batch = model.transfer_batch_to_device(base[0], device, 0)
@@ -328,8 +343,7 @@ def profile(
             mode: schedule * (1.0 - value) if schedule is not None and value is not None else None
             for mode, value in ceiling.items()
         },
-        "peak_memory_bytes": {"base_batch": full.get("peak_memory_bytes"),
-                              "drop_batch": at_drop.get("peak_memory_bytes", at_drop.get("error"))},  # fmt: skip
+        "peak_memory_bytes": memory,
     }
 
 
