@@ -133,6 +133,9 @@ def test_config_runs_the_variants_on_the_users_model_and_data(tmp_path, capsys):
     for epochs in runs.values():
         for record in epochs:
             assert {"epoch", "mode", "seconds", "steps", "batch_size", "val_accuracy", "val_loss"} <= set(record)
+    # Each run re-parsed the config with its seed: identical weights and batches, so equal full epochs 0 and 1.
+    for epoch in (0, 1):
+        assert len({(e[epoch]["val_accuracy"], e[epoch]["val_loss"]) for e in runs.values()}) == 1
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "final val_accuracy" in markdown and "| batch-only |" in markdown and "Verdict:" in markdown
     assert "ModelCheckpoint" in markdown  # the user's checkpointing is left out, and the report says so

@@ -72,6 +72,8 @@ def base_batches(setup: Setup, count: int) -> list[Any]:
     while len(batches) < count:
         before = len(batches)
         for batch in source.train_dataloader():
+            if batches and _size(batch) != _size(batches[0]):
+                continue  # an epoch's last, partial batch: every timed step is at the base size
             batches.append(batch)
             if len(batches) == count:
                 break
@@ -173,7 +175,8 @@ def time_steps(build: Callable[[], Setup], batches: Sequence[Any], warmup: int) 
     iterations = [b - a for a, b in zip(timer.starts, [*timer.starts[1:], timer.last_end])]
     by_size: dict[int, dict[str, float]] = {}
     for size in dict.fromkeys(step[0] for step in timer.steps):
-        timed = [(s, it) for s, it in zip(timer.steps, iterations) if s[0] == size][warmup:]
+        timed = [(s, it) for s, it in zip(timer.steps, iterations) if s[0] == size]
+        timed = timed[warmup:] or timed
         by_size[size] = {
             name: statistics.median(row[i] for row, _ in timed)
             for i, name in ((1, "forward_s"), (2, "backward_s"), (3, "optimizer_s"))

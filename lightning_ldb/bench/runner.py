@@ -14,6 +14,7 @@ The library is used through its public names only (``lightning_ldb.__all__``).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import platform
@@ -384,6 +385,11 @@ def run_benchmark(
     """
     runs = []
     total = options.repeats * len(options.variants)
+    # An unrecorded warm-up (a few steps of the first variant): the first recorded run would otherwise also pay
+    # for first-use costs (allocator, kernels, caches), and the alternating order puts the same variant first.
+    log(f"[warm-up] {options.name}: {options.variants[0]}, a few steps, not recorded")
+    warm = dataclasses.replace(options, epochs=1, limit_train_batches=3, limit_val_batches=1)
+    run_variant(build, warm, options.variants[0], log=lambda line: None)
     for repeat in range(options.repeats):
         ordered = options.variants if repeat % 2 == 0 else options.variants[::-1]
         for variant in ordered:
