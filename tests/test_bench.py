@@ -268,7 +268,7 @@ def test_every_variant_starts_alike_and_sees_the_same_batches():
     for epoch in (0, 1):
         assert len({(e[epoch]["val_accuracy"], e[epoch]["val_loss"]) for e in runs.values()}) == 1, epoch
     # batch-only's DROP epoch took half the steps (half the dropout draws); epoch 3 still starts on the same batch.
-    baseline, ldb, batch_only, freezing = recorder.runs
+    _warm_up, baseline, ldb, batch_only, freezing = recorder.runs
     assert baseline[3] == batch_only[3] == ldb[3] == freezing[3]
     assert runs["baseline"][2]["val_loss"] != runs["batch-only"][2]["val_loss"]  # the DROP epoch did differ
 
