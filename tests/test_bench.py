@@ -145,7 +145,11 @@ def test_config_runs_the_variants_on_the_users_model_and_data(tmp_path, capsys):
 
 
 def test_config_without_the_mixin_runs_at_the_base_batch_and_says_so(tmp_path, capsys):
-    assert cli.main(_args(_config(tmp_path, "PlainData"), tmp_path / "out", "--variants", "baseline,ldb")) == 0
+    # Several --config compose as in `ldb fit`: the second file swaps the DataModule of the first.
+    overlay = tmp_path / "plain.yaml"
+    overlay.write_text("data:\n  class_path: test_bench.PlainData\n")
+    argv = _args(_config(tmp_path), tmp_path / "out", "--variants", "baseline,ldb")
+    assert cli.main([*argv[:2], "--config", str(overlay), *argv[2:]]) == 0
     result = json.loads((tmp_path / "out" / "report.json").read_text())
     ldb = next(run["epochs"] for run in result["runs"] if run["variant"] == "ldb")
     assert [e["batch_size"] for e in ldb] == [8, 8, 8] and [e["mode"] for e in ldb] == ["full", "full", "drop"]
