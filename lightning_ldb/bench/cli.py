@@ -25,7 +25,7 @@ from typing import Any, Optional, Union
 from jsonargparse import ActionYesNo
 
 from lightning_ldb.bench import report
-from lightning_ldb.bench.runner import PAPER_LDB, VARIANTS, BenchOptions, Setup, prepare, run_benchmark
+from lightning_ldb.bench.runner import VARIANTS, BenchOptions, Setup, prepare, run_benchmark
 from lightning_ldb.cli import LDBCLI, LDBArgumentParser, verbose_requested
 
 #: ``--quick``: the short check's config (digits CNN on the real 8x8 digits, 4 epochs, 2 repetitions).
@@ -203,7 +203,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         builds = iter([first.setup()])
 
         def build() -> Setup:
-            reused = next(builds, None)  # the first construction's objects serve the first run
+            reused = next(builds, None)  # the parsing construction's objects serve the first build (the checks)
             return reused if reused is not None else BenchCLI(pinned, verbose=verbose).setup()
 
         options = BenchOptions(
@@ -258,14 +258,13 @@ def _name(config: Any, args: Sequence[str]) -> str:
 
 def _about(cli: BenchCLI) -> dict[str, Any]:
     trainer = cli.trainer_kwargs
-    return {
+    about = {
         "model_class": type(cli.model).__name__,
         "data_class": type(cli.datamodule).__name__ if cli.datamodule is not None else None,
-        "accelerator": str(trainer.get("accelerator", "auto")),
-        "precision": str(trainer.get("precision")),
-        "devices": str(trainer.get("devices")),
-        "ldb_defaults": dict(PAPER_LDB),
+        **{key: str(trainer[key]) for key in ("accelerator", "devices", "precision", "strategy")
+           if trainer.get(key) is not None},  # fmt: skip
     }
+    return about
 
 
 if __name__ == "__main__":  # pragma: no cover
