@@ -227,9 +227,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             try:
                 options, _ = prepare(build, options, requested or ["baseline"], overrides)
-            except ValueError as error:
+                result = profile.profile(build, options, steps=config["profile_steps"], about=about)
+            except ValueError as error:  # bad settings, or LDB finds no candidate layer in the model
                 return _error(str(error))
-            result = profile.profile(build, options, steps=config["profile_steps"], about=about)
             out.mkdir(parents=True, exist_ok=True)
             (out / "profile.json").write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
             print(profile.render(result) + f"\nWrote {out}/profile.json")

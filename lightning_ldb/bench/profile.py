@@ -114,7 +114,10 @@ def drop_candidates(build: Callable[[], Setup], ldb: Mapping[str, Any]) -> dict[
     for mode in ("weights", "block"):
         setup = build()
         if mode == "block":
-            if not discover_branches(setup.model, ldb.get("branches")):
+            try:
+                if not discover_branches(setup.model, ldb.get("branches")):
+                    break
+            except (TypeError, ValueError):  # a branches= spec that does not fit this model: no block mode
                 break
         settings = {**ldb, "backward": mode, "batch_scale": 1, "every": 1}
         if mode == "weights":
