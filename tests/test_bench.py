@@ -158,6 +158,19 @@ def test_config_without_the_mixin_runs_at_the_base_batch_and_says_so(tmp_path, c
     assert line in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_accumulate_variant_takes_the_drop_batch_as_accumulation_without_the_mixin(tmp_path, capsys):
+    # batch_scaling="accumulate" needs no mixin: the DROP epoch keeps the loader's batch and steps half as often.
+    overlay = tmp_path / "plain.yaml"
+    overlay.write_text("data:\n  class_path: test_bench.PlainData\n")
+    argv = _args(_config(tmp_path), tmp_path / "out", "--variants", "baseline,ldb-accumulate")
+    assert cli.main([*argv[:2], "--config", str(overlay), *argv[2:]]) == 0
+    runs = {r["variant"]: r["epochs"] for r in json.loads((tmp_path / "out" / "report.json").read_text())["runs"]}
+    accumulate, baseline = runs["ldb-accumulate"], runs["baseline"]
+    assert [e["batch_size"] for e in accumulate] == [8, 8, 8] and accumulate[2]["mode"] == "drop"
+    assert accumulate[2]["steps"] * 2 == baseline[2]["steps"] and accumulate[1]["steps"] == baseline[1]["steps"]
+    assert "does not use" not in capsys.readouterr().out  # no mixin needed, so no note
+
+
 def test_block_variant_and_peers_on_a_residual_user_model(tmp_path):
     out = tmp_path / "out"
     argv = _args(_config(tmp_path, residual=True), out, "--variants", "ldb-block,stochastic-depth,freezing")
@@ -355,6 +368,7 @@ def test_variants_change_only_what_they_measure():
     assert options.callback_args("batch-only") == {**ldb, "drop_rate": 0.0}
     assert options.callback_args("drop-only") == {**ldb, "batch_scale": 1}
     assert options.callback_args("ldb-block") == {**ldb, "backward": "block"}
+    assert options.callback_args("ldb-accumulate") == {**ldb, "batch_scaling": "accumulate"}
     assert ldb["lr_scale"] == 2.0 and ldb["batch_scale"] == 2 and ldb["drop_rate"] == 0.3
     assert "freezing" in VARIANTS
 

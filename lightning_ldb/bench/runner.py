@@ -43,6 +43,7 @@ PAPER_LDB: dict[str, Any] = {
     "keep_last": 1,
     "resample": "epoch",
     "granularity": "module",
+    "batch_scaling": "loader",
 }
 
 #: The public attributes of a :class:`~lightning_ldb.LayerDropBackCallback` that the variants take over.
@@ -62,6 +63,10 @@ VARIANTS: dict[str, tuple[Optional[dict[str, Any]], str]] = {
     "batch-only": ({"drop_rate": 0.0}, "the same LR and batch scaling on the same DROP epochs, nothing dropped"),
     "drop-only": ({"batch_scale": 1}, "layers dropped and LR scaled, batch unchanged"),
     "ldb-block": ({"backward": "block"}, "LDB with block-mode backward (models with residual branches)"),
+    "ldb-accumulate": (
+        {"batch_scaling": "accumulate"},
+        "LDB with the DROP batch taken as gradient accumulation (a full epoch's memory, no mixin needed)",
+    ),
     "stochastic-depth": (None, "Stochastic Depth on torchvision ResNet blocks (the paper's Table 5 peer), no LDB"),
     "freezing": (None, "progressive layer freezing (Composer's LayerFreezing schedule), no LDB"),
 }
@@ -252,7 +257,7 @@ class EpochClock(Callback):
         self.epochs: list[dict[str, Any]] = []
         self._log = log
         self._start = 0.0
-        self._steps = 0
+        self._first_step = 0
         self._batch_size = 0
         self._logged: Optional[int] = None
 
@@ -267,13 +272,13 @@ class EpochClock(Callback):
         except ImportError:  # pragma: no cover - numpy ships with torch's usual installs
             pass
         _sync(pl_module)
-        self._steps, self._batch_size = 0, 0
+        # Optimizer steps, not batches: with batch_scaling="accumulate" a DROP epoch steps once per several batches.
+        self._first_step, self._batch_size = trainer.global_step, 0
         self._start = time.perf_counter()
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._steps += 1
         self._batch_size = max(self._batch_size, batch_length(batch) or 0)
         if batch_idx + 1 >= trainer.num_training_batches:
             _sync(pl_module)
@@ -284,7 +289,7 @@ class EpochClock(Callback):
                     "epoch": trainer.current_epoch,
                     "mode": ldb.mode if ldb is not None else "full",
                     "seconds": seconds,
-                    "steps": self._steps,
+                    "steps": trainer.global_step - self._first_step,
                     "batch_size": self._batch_size,
                 }
             )
@@ -353,7 +358,7 @@ def run_variant(
     callbacks: list[Callback] = [clock, *kept]
     ldb_args = options.callback_args(variant)
     if ldb_args is not None:
-        if not has_mixin(setup):
+        if not has_mixin(setup) and ldb_args["batch_scaling"] == "loader":
             ldb_args["batch_scale"] = 1
         callbacks.append(LayerDropBackCallback(**ldb_args))
     if variant == "stochastic-depth":
@@ -467,7 +472,8 @@ def prepare(
     ldb = {**PAPER_LDB, **(ldb_settings(setup.trainer_kwargs.get("callbacks")) or {}), **(ldb_overrides or {})}
     variants, notes = resolve_variants(requested, setup, ldb)
     options.ldb, options.variants = ldb, variants
-    if not has_mixin(setup) and any(options.callback_args(v) for v in variants):
+    loader_scaled = [options.callback_args(v) for v in variants]
+    if not has_mixin(setup) and any(args and args["batch_scaling"] == "loader" for args in loader_scaled):
         notes.insert(0, mixin_note(setup))
     _, left_out = kept_callbacks(setup.trainer_kwargs.get("callbacks"))
     left_out = [name for name in left_out if name != LayerDropBackCallback.__name__]  # each variant brings its own
