@@ -1,31 +1,416 @@
-"""``ldb-bench``: its arithmetic, its Stochastic Depth peer, its command line, and tiny end-to-end runs.
+"""``ldb-bench``: on a user's own LightningModule and DataModule (written here, not from the examples), through
+``--config`` and ``--profile``; its fairness; the peers; its arithmetic and verdict; and that it uses the library
+through public names only.
 
 No test asserts anything about timing: figures measured on a shared machine are the report's business.
 """
 
+import ast
 import json
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 from torchvision.models import resnet18
+from torchvision.models.resnet import BasicBlock
 
-from lightning_ldb.bench import cli, report
-from lightning_ldb.bench.runner import VARIANTS, BenchConfig, run_benchmark, run_variant
-from lightning_ldb.bench.workloads import WORKLOADS, add_stochastic_depth
+import lightning_ldb
+import lightning_ldb.examples
+from lightning_ldb import LDBDataModuleMixin
+from lightning_ldb.bench import cli, compare, report
+from lightning_ldb.bench.peers import ProgressiveFreezing, add_stochastic_depth, freeze_fraction
+from lightning_ldb.bench.runner import VARIANTS, BenchOptions
 
-TINY = {"model": "digits_cnn", "epochs": 3, "train_samples": 48, "val_samples": 16, "batch_size": 16, "repeats": 1}
+ROOT = Path(__file__).resolve().parents[1]
 
 
+# ---------------------------------------------------------------------------------------------- a user's code
+class UserNet(LightningModule):
+    """What a user brings: a small classifier that logs ``val_accuracy`` (not the examples' ``val_acc``).
+
+    ``residual=True`` puts two torchvision ``BasicBlock`` in it, so block mode and Stochastic Depth apply.
+    Dropout draws from the global RNG, so a variant with fewer steps would leave the RNG elsewhere.
+    """
+
+    def __init__(self, width: int = 8, residual: bool = False, lr: float = 0.05) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        blocks = [BasicBlock(width, width), BasicBlock(width, width)] if residual else []
+        self.net = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1),
+            nn.ReLU(), *blocks, nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.Dropout(0.1),
+            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 3),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log("val_loss", nn.functional.cross_entropy(logits, y))
+        self.log("val_accuracy", (logits.argmax(1) == y).float().mean())
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+
+def _images(n: int, seed: int) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    x = torch.randn(n, 1, 6, 6, generator=generator) + y.view(-1, 1, 1, 1).float()
+    return TensorDataset(x, y)
+
+
+class PlainData(LightningDataModule):
+    """A user's DataModule without the mixin; it shuffles with the global RNG, as most do."""
+
+    def __init__(self, batch_size: int = 8, samples: int = 64) -> None:
+        super().__init__()
+        self.batch_size, self.samples = batch_size, samples
+
+    def setup(self, stage: str = "fit") -> None:
+        self.train_set, self.val_set = _images(self.samples, 0), _images(24, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=12)
+
+
+class UserData(LDBDataModuleMixin, PlainData):
+    """The same DataModule with the mixin: DROP epochs get ``batch_size * batch_scale``."""
+
+
+def _config(tmp_path: Path, data: str = "UserData", residual: bool = False) -> Path:
+    path = tmp_path / "my.yaml"
+    path.write_text(f"""
+seed_everything: 3
+trainer:
+  accelerator: cpu
+  max_epochs: 50
+  logger: true
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+    - class_path: lightning_ldb.LayerDropBackCallback
+      init_args: {{drop_rate: 0.5, every: 2, lr_scale: 2.0, batch_scale: 2, keep_first: 1, keep_last: 1}}
+model:
+  class_path: test_bench.UserNet
+  init_args: {{residual: {str(residual).lower()}}}
+data:
+  class_path: test_bench.{data}
+""")
+    return path
+
+
+def _args(config: Path, out: Path, *more: str) -> list[str]:
+    return ["--config", str(config), "--epochs", "3", "--repeats", "1", "--limit-train-batches", "4", "--out",
+            str(out), *more]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- --config
+def test_config_runs_the_variants_on_the_users_model_and_data(tmp_path, capsys):
+    assert cli.main(_args(_config(tmp_path), tmp_path / "out")) == 0
+    result = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert result["schema"].startswith("ldb-bench/")
+    runs = {run["variant"]: run["epochs"] for run in result["runs"]}
+    assert list(runs) == ["baseline", "ldb", "batch-only"]  # no residual branch: no ldb-block
+    # The config's LayerDropBackCallback gave the settings (drop_rate 0.5, keep_first 1), not the paper's.
+    assert result["config"]["ldb"]["drop_rate"] == 0.5 and result["config"]["ldb"]["keep_first"] == 1
+    assert [e["mode"] for e in runs["ldb"]] == ["full", "full", "drop"]
+    assert [e["mode"] for e in runs["baseline"]] == ["full"] * 3
+    assert [e["batch_size"] for e in runs["ldb"]] == [8, 8, 16]  # the mixin served the DROP batch
+    assert [e["steps"] for e in runs["ldb"]] == [4, 4, 2] and [e["steps"] for e in runs["baseline"]] == [4, 4, 4]
+    for epochs in runs.values():
+        for record in epochs:
+            assert {"epoch", "mode", "seconds", "steps", "batch_size", "val_accuracy", "val_loss"} <= set(record)
+    # Each run re-parsed the config with its seed: identical weights and batches, so equal full epochs 0 and 1.
+    for epoch in (0, 1):
+        assert len({(e[epoch]["val_accuracy"], e[epoch]["val_loss"]) for e in runs.values()}) == 1
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "final val_accuracy" in markdown and "| batch-only |" in markdown and "Verdict:" in markdown
+    assert "ModelCheckpoint" in markdown  # the user's checkpointing is left out, and the report says so
+    assert not list(tmp_path.glob("**/*.ckpt")) and not (tmp_path / "lightning_logs").exists()
+    assert (tmp_path / "out" / "report.png").stat().st_size > 0
+    assert "does not use" not in capsys.readouterr().out
+
+
+def test_config_without_the_mixin_runs_at_the_base_batch_and_says_so(tmp_path, capsys):
+    # Several --config compose as in `ldb fit`: the second file swaps the DataModule of the first.
+    overlay = tmp_path / "plain.yaml"
+    overlay.write_text("data:\n  class_path: test_bench.PlainData\n")
+    argv = _args(_config(tmp_path), tmp_path / "out", "--variants", "baseline,ldb")
+    assert cli.main([*argv[:2], "--config", str(overlay), *argv[2:]]) == 0
+    result = json.loads((tmp_path / "out" / "report.json").read_text())
+    ldb = next(run["epochs"] for run in result["runs"] if run["variant"] == "ldb")
+    assert [e["batch_size"] for e in ldb] == [8, 8, 8] and [e["mode"] for e in ldb] == ["full", "full", "drop"]
+    line = "PlainData does not use lightning_ldb.LDBDataModuleMixin, so DROP epochs run at the base batch"
+    assert line in capsys.readouterr().out
+    assert line in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_accumulate_variant_takes_the_drop_batch_as_accumulation_without_the_mixin(tmp_path, capsys):
+    # batch_scaling="accumulate" needs no mixin: the DROP epoch keeps the loader's batch and steps half as often.
+    overlay = tmp_path / "plain.yaml"
+    overlay.write_text("data:\n  class_path: test_bench.PlainData\n")
+    argv = _args(_config(tmp_path), tmp_path / "out", "--variants", "baseline,ldb-accumulate")
+    assert cli.main([*argv[:2], "--config", str(overlay), *argv[2:]]) == 0
+    runs = {r["variant"]: r["epochs"] for r in json.loads((tmp_path / "out" / "report.json").read_text())["runs"]}
+    accumulate, baseline = runs["ldb-accumulate"], runs["baseline"]
+    assert [e["batch_size"] for e in accumulate] == [8, 8, 8] and accumulate[2]["mode"] == "drop"
+    assert accumulate[2]["steps"] * 2 == baseline[2]["steps"] and accumulate[1]["steps"] == baseline[1]["steps"]
+    assert "does not use" not in capsys.readouterr().out  # no mixin needed, so no note
+
+
+def test_block_variant_and_peers_on_a_residual_user_model(tmp_path):
+    out = tmp_path / "out"
+    argv = _args(_config(tmp_path, residual=True), out, "--variants", "ldb-block,stochastic-depth,freezing")
+    assert cli.main(argv) == 0
+    runs = {r["variant"]: r["epochs"] for r in json.loads((out / "report.json").read_text())["runs"]}
+    assert [e["mode"] for e in runs["ldb-block"]] == ["full", "full", "drop"]
+    assert [e["steps"] for e in runs["stochastic-depth"]] == [4, 4, 4]
+
+
+def test_bad_arguments_end_in_a_short_error_naming_the_setting(tmp_path, capsys):
+    config = _config(tmp_path)
+    cases = [
+        (["--epochs", "2"], "`epochs`: 2 epochs hold no DROP epoch with every=2"),
+        (["--variants", "ldb,nope"], "expected distinct names among baseline"),
+        (["--variants", "ldb-block"], "ldb-block does not apply: block mode finds no residual branch in UserNet"),
+        (["--drop-rate", "1.5"], "LDB settings of variant baseline"),
+    ]
+    for more, expected in cases:
+        argv = ["--config", str(config), "--out", str(tmp_path / "out"), *more]
+        code = cli.main(argv if "--drop-rate" not in more else [*argv, "--variants", "baseline,ldb"])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err, (more, err)
+        assert expected in err or "drop_rate" in err, (more, err)
+
+
+# ---------------------------------------------------------------------------------------------- --profile
+@pytest.mark.parametrize(("data", "residual"), [("UserData", True), ("PlainData", False)])
+def test_profile_measures_the_ceiling_on_the_users_model(tmp_path, capsys, data, residual):
+    out = tmp_path / "out"
+    assert cli.main(["--config", str(_config(tmp_path, data, residual)), "--profile", "--profile-steps", "2",
+                     "--out", str(out)]) == 0  # fmt: skip
+    result = json.loads((out / "profile.json").read_text())
+    assert result["schema"] == "ldb-profile/1"
+    assert (result["base_batch_size"], result["drop_batch_size"]) == (8, 16)
+    assert all(result["full_step"][k] > 0 for k in ("forward_s", "backward_s", "optimizer_s"))
+    assert all(result["per_sample_s"][k] > 0 for k in ("base_batch", "drop_batch"))
+    assert result["peak_memory_bytes"] == {"base_batch": None, "drop_batch": None}  # no GPU
+    ceiling = result["drop_step_ceiling"]
+    # p = 0.5 of the candidates' weight-gradient FLOPs: more than nothing, less than half of a full step.
+    assert 0.0 < ceiling["weights"] < 0.5
+    if residual:  # a dropped branch skips its whole backward, more than its weight gradients
+        assert result["candidates"]["block"] == 2 and ceiling["weights"] < ceiling["block"] < 0.5
+    else:
+        assert ceiling["block"] is None and result["candidates"]["block"] is None
+    text = capsys.readouterr().out
+    assert "DROP step ceiling at drop_rate 0.5: weights" in text and "per sample (ms)" in text
+
+
+def test_profile_ceiling_counts_the_candidates_weight_gradients_by_hand():
+    """A chain of Linear layers: a weight gradient costs what the forward does, 2*in*out per sample."""
+    from lightning_ldb.bench.profile import count_flops
+
+    class Chain(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(*[nn.Linear(4, 4, bias=False) for _ in range(4)])
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.net(batch).sum()
+
+    flops = count_flops(Chain(), torch.ones(2, 4), ["net.2"], None)
+    per_layer = 2 * 2 * 4 * 4  # 2 * batch * in * out
+    assert flops["forward"] == 4 * per_layer
+    assert flops["backward"] == (4 + 3) * per_layer  # 4 weight gradients, 3 input gradients (not the first's)
+    assert flops["weights_saving"] == per_layer and flops["block_saving"] is None
+
+
+def test_profile_ceiling_counts_a_dropped_branchs_whole_backward_by_hand():
+    """y = x + conv2(relu(bn1(conv1(x)))) in a torchvision BasicBlock: a dropped branch skips both convs'
+    weight and input gradients; the stem below still gets its gradient through the shortcut."""
+    from lightning_ldb.bench.profile import count_flops
+
+    class Block(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(1, 4, 1, bias=False)
+            self.block = BasicBlock(4, 4)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.block(self.stem(batch)).sum()
+
+    flops = count_flops(Block(), torch.ones(2, 1, 3, 3), ["block.conv1"], ["block.conv1"])
+    conv = 2 * 2 * 9 * 4 * 4 * 9  # 2 * batch * positions * in * out * 3x3
+    assert flops["weights_saving"] == conv  # conv1's weight gradient only
+    assert flops["block_saving"] == 4 * conv  # both convs' weight and input gradients
+
+
+# ---------------------------------------------------------------------------------------------- fairness
+class _FirstBatches(Callback):
+    """Records the labels of each epoch's first training batch, per run."""
+
+    def __init__(self) -> None:
+        self.runs: list[dict[int, list[int]]] = []
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.runs.append({})
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 0:
+            self.runs[-1][trainer.current_epoch] = batch[1].tolist()
+
+
+def test_every_variant_starts_alike_and_sees_the_same_batches():
+    recorder = _FirstBatches()
+    result = compare(
+        lambda: UserNet(), lambda: UserData(), {"accelerator": "cpu", "callbacks": [recorder]},
+        variants=["baseline", "ldb", "batch-only", "freezing"], epochs=4, repeats=1, seed=5,
+        ldb={"keep_first": 1, "keep_last": 1}, limit_train_batches=4, log=lambda line: None,
+    )  # fmt: skip
+    runs = {run["variant"]: run["epochs"] for run in result["runs"]}
+    # Same initial weights, batches and order: the full epochs 0 and 1 end with equal validation metrics.
+    for epoch in (0, 1):
+        assert len({(e[epoch]["val_accuracy"], e[epoch]["val_loss"]) for e in runs.values()}) == 1, epoch
+    # batch-only's DROP epoch took half the steps (half the dropout draws); epoch 3 still starts on the same batch.
+    _warm_up, baseline, ldb, batch_only, freezing = recorder.runs
+    assert baseline[3] == batch_only[3] == ldb[3] == freezing[3]
+    assert runs["baseline"][2]["val_loss"] != runs["batch-only"][2]["val_loss"]  # the DROP epoch did differ
+
+
+def test_repetitions_alternate_the_run_order():
+    result = compare(lambda: UserNet(), lambda: UserData(), {"accelerator": "cpu"}, variants=["baseline", "ldb"],
+                     epochs=3, repeats=2, limit_train_batches=2, log=lambda line: None)  # fmt: skip
+    assert [(run["variant"], run["repeat"]) for run in result["runs"]] == [
+        ("baseline", 0), ("ldb", 0), ("ldb", 1), ("baseline", 1)
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- peers
+def test_freezing_freezes_the_earliest_layers_progressively_and_restores_them():
+    model = UserNet()
+    leaves = [m for m in model.net if list(m.parameters())]  # net.0, 1, 3, 5, 8, 12: 4 convs, a BatchNorm, the Linear
+    starts: dict[int, list[torch.Tensor]] = {}
+    frozen: dict[int, tuple[str, ...]] = {}
+
+    class Snapshot(Callback):
+        def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+            starts[trainer.current_epoch] = [m.weight.detach().clone() for m in leaves]
+            frozen[trainer.current_epoch] = freezing.frozen_layers
+
+    freezing = ProgressiveFreezing()  # Composer's defaults: freeze_start 0.5, freeze_level 1.0
+    trainer = Trainer(max_epochs=4, callbacks=[Snapshot(), freezing], logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, limit_train_batches=2, limit_val_batches=0)  # fmt: skip
+    trainer.fit(model, datamodule=UserData())
+    moved = [[not torch.equal(a, b) for a, b in zip(starts[e], starts[e + 1])] for e in (0, 1, 2)]
+    assert all(moved[0]) and all(moved[1])  # nothing frozen in the first half of training
+    # After epoch 2 (3/4 of training) the first half of the 13 leaf modules is frozen: net.0 to net.5.
+    assert frozen[3] == tuple(f"net.{i}" for i in range(6)) and frozen[2] == ()
+    end = [m.weight.detach() for m in leaves]
+    assert [not torch.equal(a, b) for a, b in zip(starts[3], end)] == [False, False, False, False, True, True]
+    assert all(p.requires_grad for p in model.parameters())  # trainable again after the fit
+    assert freeze_fraction(0.75, 0.5, 1.0) == 0.5
+
+
+def test_stochastic_depth_skips_identity_blocks_forward_and_backward_and_uses_its_own_generator():
+    net = resnet18(num_classes=3)
+    assert add_stochastic_depth(net, final_rate=0.0, seed=0) == 5
+    net = resnet18(num_classes=3)
+    add_stochastic_depth(net, final_rate=0.999, seed=0)
+    last = net.layer4[1]  # identity shortcut, the last block: rate 0.999
+    x = torch.rand(2, 512, 2, 2)
+    state = torch.get_rng_state()
+    net.train()
+    assert torch.equal(last(x), x)  # branch skipped
+    assert torch.equal(torch.get_rng_state(), state)  # draws do not touch the global RNG
+    net(torch.rand(2, 3, 32, 32)).sum().backward()
+    assert last.conv1.weight.grad is None  # skipped in backward too
+    assert net.layer4[0].conv1.weight.grad is not None  # the projecting block always runs
+    net.eval()
+    assert not torch.equal(last(x), x)  # evaluation runs every block
+
+
+def test_stochastic_depth_rejects_networks_without_identity_blocks():
+    with pytest.raises(ValueError, match="identity shortcuts"):
+        add_stochastic_depth(torch.nn.Sequential(torch.nn.Linear(2, 2)), 0.5, seed=0)
+    with pytest.raises(ValueError, match="final_rate"):
+        add_stochastic_depth(resnet18(), 1.0, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------- presets
+def test_presets_are_configs_users_can_copy():
+    for path in sorted((ROOT / "configs" / "bench").glob("*.yaml")):
+        bench = cli.BenchCLI(["--config", str(path), "--trainer.accelerator=cpu"])
+        assert bench.config["epochs"] and bench.config["repeats"], path
+        assert isinstance(bench.model, LightningModule), path
+    quick = cli.BenchCLI(cli._expand_quick(["--quick"])).config
+    assert (quick["epochs"], quick["repeats"]) == (4, 2)
+    assert quick["variants"] == "baseline,ldb,batch-only,drop-only"
+
+
+def test_variants_change_only_what_they_measure():
+    options = BenchOptions()
+    ldb = options.callback_args("ldb")
+    for name in ("baseline", "stochastic-depth", "freezing"):
+        assert options.callback_args(name) is None
+    assert options.callback_args("batch-only") == {**ldb, "drop_rate": 0.0}
+    assert options.callback_args("drop-only") == {**ldb, "batch_scale": 1}
+    assert options.callback_args("ldb-block") == {**ldb, "backward": "block"}
+    assert options.callback_args("ldb-accumulate") == {**ldb, "batch_scaling": "accumulate"}
+    assert ldb["lr_scale"] == 2.0 and ldb["batch_scale"] == 2 and ldb["drop_rate"] == 0.3
+    assert "freezing" in VARIANTS
+
+
+# ---------------------------------------------------------------------------------------------- a user of the library
+def test_the_benchmark_imports_only_public_names_of_the_library():
+    """The benchmark reaches the library as a user does: ``lightning_ldb.__all__``, the examples' public names,
+    the ``ldb`` command's public classes, and itself."""
+    public = {
+        "lightning_ldb": set(lightning_ldb.__all__),
+        "lightning_ldb.examples": set(lightning_ldb.examples.__all__),
+    }
+    offending = []
+    for path in sorted((ROOT / "lightning_ldb" / "bench").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [(alias.name, None) for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                modules = [(node.module, alias.name) for alias in node.names]
+            else:
+                continue
+            for module, name in modules:
+                if not module.startswith("lightning_ldb") or module.startswith("lightning_ldb.bench"):
+                    continue
+                if module in public and (name is None or name in public[module]):
+                    continue
+                if module == "lightning_ldb.cli" and name is not None and not name.startswith("_"):
+                    continue  # the ldb command's parser, reused by ldb-bench
+                offending.append(f"{path.name}: from {module} import {name}")
+    assert not offending, offending
+
+
+# ---------------------------------------------------------------------------------------------- arithmetic and verdict
 def _run(variant, repeat, seconds, modes=None, acc=0.5):
     modes = modes or ["full"] * len(seconds)
     epochs = [
-        {"epoch": e, "seconds": s, "mode": m, "steps": 2 if m == "drop" else 4, "val_acc": acc}
+        {"epoch": e, "seconds": s, "mode": m, "steps": 2 if m == "drop" else 4, "batch_size": 8, "val_acc": acc}
         for e, (s, m) in enumerate(zip(seconds, modes))
     ]
     return {"variant": variant, "repeat": repeat, "epochs": epochs}
 
 
-# ---------------------------------------------------------------------------------------------- arithmetic
 def test_speedup_and_spread_by_hand():
     assert report.speedup(75.0, 100.0) == 0.25
     assert report.speedup(120.0, 100.0) == -0.2
@@ -59,11 +444,24 @@ def test_each_run_is_compared_with_the_baseline_of_its_own_repetition():
     assert rows["ldb"]["seconds"]["min"] == 3.0 and rows["ldb"]["seconds"]["max"] == 6.0
     assert rows["ldb"]["drop_to_full"]["mean"] == 1.0
     assert rows["ldb"]["steps"]["mean"] == 10.0
-    assert rows["ldb"]["final_acc"]["mean"] == pytest.approx(0.8)
+    assert rows["ldb"]["final_metric"]["mean"] == pytest.approx(0.8)
     assert rows["baseline"]["drop_to_full"] is None
-    table = report.markdown_table(report.summarize(result))
+    table = report.markdown_table(report.summarize(result), report.monitored_metric(result))
     assert "| ldb | 4.50 (3.00 to 6.00) | 1.00 | 10 | 0.800 (0.700 to 0.900) | +25.0% |" in table
-    assert "| baseline | 6.00 (4.00 to 8.00) | – |" in table
+    assert "| baseline | 6.00 (4.00 to 8.00) | – |" in table and "final val_acc" in table
+
+
+def test_verdict_says_no_measurable_difference_when_the_range_crosses_zero():
+    rows = [
+        {"variant": "baseline", "speedup": report.spread([0.0, 0.0])},
+        {"variant": "ldb", "speedup": report.spread([-0.145, 0.109])},
+        {"variant": "batch-only", "speedup": report.spread([0.10, 0.20])},
+    ]
+    lines = report.verdict_lines(rows, epochs=4, repeats=2)
+    assert lines[0] == "Verdict: batch-only 15.0% faster (range +10.0% to +20.0%) than the baseline, whole run, in every repetition."
+    assert "ldb: no measurable difference from the baseline (-1.8%, range -14.5% to +10.9% over 2 repetitions)" in lines[1]
+    assert "more epochs (--epochs 8" in lines[2] and "more repetitions (--repeats 4)" in lines[2]
+    assert report.verdict_lines(rows[2:], epochs=4, repeats=2) == lines[:1]  # measurable: no advice
 
 
 def test_attribution_separates_the_schedule_from_the_dropping():
@@ -75,148 +473,3 @@ def test_attribution_separates_the_schedule_from_the_dropping():
     assert "0.60x a full epoch" in epochs and "0.90x with batch-only" in epochs
     assert "+30.0%" in whole and "+20.0%" in whole and "adds +10.0%" in whole
     assert report.attribution_lines(rows[:1]) == []
-
-
-def test_variants_change_only_what_they_measure():
-    config = BenchConfig()
-    ldb = config.callback_args("ldb")
-    assert config.callback_args("baseline") is None and config.callback_args("stochastic-depth") is None
-    assert config.callback_args("batch-only") == {**ldb, "drop_rate": 0.0}
-    assert config.callback_args("drop-only") == {**ldb, "batch_scale": 1}
-    assert config.callback_args("ldb-block") == {**ldb, "backward": "block"}
-    assert ldb["lr_scale"] == 2.0 and ldb["batch_scale"] == 2 and ldb["drop_rate"] == 0.3
-
-
-# ---------------------------------------------------------------------------------------------- stochastic depth
-def test_stochastic_depth_skips_identity_blocks_forward_and_backward_and_uses_its_own_generator():
-    net = resnet18(num_classes=3)
-    assert add_stochastic_depth(net, final_rate=0.0, seed=0) == 5
-    net = resnet18(num_classes=3)
-    add_stochastic_depth(net, final_rate=0.999, seed=0)
-    last = net.layer4[1]  # identity shortcut, the last block: rate 0.999
-    x = torch.rand(2, 512, 2, 2)
-    state = torch.get_rng_state()
-    net.train()
-    assert torch.equal(last(x), x)  # branch skipped
-    assert torch.equal(torch.get_rng_state(), state)  # draws do not touch the global RNG
-    net(torch.rand(2, 3, 32, 32)).sum().backward()
-    assert last.conv1.weight.grad is None  # skipped in backward too
-    assert net.layer4[0].conv1.weight.grad is not None  # the projecting block always runs
-    net.eval()
-    assert not torch.equal(last(x), x)  # evaluation runs every block
-
-
-def test_stochastic_depth_rejects_networks_without_identity_blocks():
-    with pytest.raises(ValueError, match="identity shortcuts"):
-        add_stochastic_depth(torch.nn.Sequential(torch.nn.Linear(2, 2)), 0.5, seed=0)
-    with pytest.raises(ValueError, match="final_rate"):
-        add_stochastic_depth(resnet18(), 1.0, seed=0)
-
-
-# ---------------------------------------------------------------------------------------------- command line
-def test_help_gives_every_option_a_description_and_one_default(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["--help"])
-    assert exit_info.value.code == 0
-    text = capsys.readouterr().out
-    parser = cli.build_parser()
-    for action in parser._actions:
-        assert action.help, action.option_strings
-    assert "default: None" not in text
-    for action in parser._actions:
-        if action.option_strings and action.option_strings[0] not in ("-h", "--quick"):
-            assert action.help.count("default") <= 1, action.option_strings
-
-
-@pytest.mark.parametrize(
-    ("argv", "expected"),
-    [
-        (["--epochs", "0"], "argument --epochs: expected an integer in [1, inf), got '0'"),
-        (["--drop-rate", "1.5"], "argument --drop-rate: expected a number in [0, 1), got '1.5'"),
-        (["--lr", "0"], "argument --lr: expected a number in (0, inf), got '0'"),
-        (["--variants", "ldb,nope"], "argument --variants: expected distinct names among baseline"),
-        (["--model", "digits_cnn", "--image-size", "32"], "argument --image-size: digits_cnn trains on digits"),
-        (["--model", "digits_cnn", "--variants", "stochastic-depth"], "stochastic-depth needs a ResNet"),
-        (["--epochs", "2"], "argument --every: 2 leaves no DROP epoch in 2 epochs"),
-        (["--epochs", "3", "--skip-epochs", "3"], "argument --skip-epochs: must be below --epochs (3), got 3"),
-        (["--quick", "--suite", "gpu"], "argument --quick: not allowed with --suite"),
-    ],
-)
-def test_bad_arguments_end_in_one_line_naming_the_argument(argv, expected, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert expected in err and "Traceback" not in err
-
-
-def test_quick_preset_and_explicit_flags():
-    parser = cli.build_parser()
-    quick = cli.resolve(parser.parse_args(["--quick"]), cli.QUICK, parser)
-    assert (quick.model, quick.epochs, quick.repeats, quick.threads) == ("digits_cnn", 4, 2, 1)
-    assert quick.batch_size == WORKLOADS["digits_cnn"].batch_size
-    assert {"baseline", "ldb", "batch-only", "drop-only"} <= set(quick.variants)
-    assert "ldb-block" not in quick.variants and "stochastic-depth" not in quick.variants  # no residual branches
-    assert cli.resolve(parser.parse_args(["--quick", "--epochs", "6"]), cli.QUICK, parser).epochs == 6
-    resnet = cli.resolve(parser.parse_args([]), {}, parser)
-    assert resnet.model == "resnet18" and {"stochastic-depth", "ldb-block"} <= set(resnet.variants)
-
-
-# ---------------------------------------------------------------------------------------------- end to end
-def test_every_variant_trains_with_its_schedule_and_the_report_is_written(tmp_path, capsys):
-    argv = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
-    variants = "baseline,ldb,batch-only,drop-only"
-    assert cli.main([*argv, "--variants", variants, "--out", str(tmp_path)]) == 0
-    result = json.loads((tmp_path / "report.json").read_text())
-    runs = {run["variant"]: run["epochs"] for run in result["runs"]}
-    steps = {name: [e["steps"] for e in epochs] for name, epochs in runs.items()}
-    assert steps["baseline"] == [3, 3, 3] and steps["drop-only"] == [3, 3, 3]
-    assert steps["ldb"] == [3, 3, 2] and steps["batch-only"] == [3, 3, 2]  # batch x2 on the DROP epoch
-    assert [e["batch_size"] for e in runs["ldb"]] == [16, 16, 32]
-    assert [e["mode"] for e in runs["ldb"]] == ["full", "full", "drop"]
-    assert all(0.0 <= e["val_acc"] <= 1.0 and e["seconds"] > 0 for epochs in runs.values() for e in epochs)
-    # Identical full epochs before the first DROP epoch: same weights, data and order in every variant.
-    assert len({epochs[1]["val_acc"] for epochs in runs.values()}) == 1
-    markdown = (tmp_path / "report.md").read_text()
-    assert all(f"| {name} |" in markdown for name in runs) and (tmp_path / "report.png").stat().st_size > 0
-    out = capsys.readouterr().out
-    assert "[1/" in out and "epoch 2:" in out and "the dropping itself adds" in out
-
-
-def test_stochastic_depth_and_mnist1d_run_end_to_end():
-    sd = BenchConfig(model="resnet18", image_size=8, epochs=2, train_samples=8, val_samples=8, batch_size=4)
-    epochs = run_variant(sd, "stochastic-depth", log=lambda line: None)["epochs"]
-    assert [e["mode"] for e in epochs] == ["full", "full"] and [e["steps"] for e in epochs] == [2, 2]
-    mnist1d = BenchConfig(model="mnist1d-cnn", variants=("baseline", "ldb"), epochs=3, train_samples=64,
-                          val_samples=32, batch_size=16, repeats=1)  # fmt: skip
-    result = run_benchmark(mnist1d, log=lambda line: None)
-    assert [run["variant"] for run in result["runs"]] == ["baseline", "ldb"]
-    assert [e["steps"] for e in result["runs"][1]["epochs"]] == [4, 4, 2]
-
-
-def test_gpu_suite_runs_reduced_on_cpu(tmp_path):
-    argv = ["--suite", "gpu", "--accelerator", "cpu", "--epochs", "2", "--every", "1", "--skip-epochs", "0",
-            "--repeats", "1", "--train-samples", "2", "--val-samples", "2", "--batch-size", "2",
-            "--image-size", "16", "--variants", "baseline,ldb", "--out", str(tmp_path)]  # fmt: skip
-    assert cli.main(argv) == 0  # the full suite's other variants are the ones tested above, on a smaller model
-    for model in ("resnet50", "vit-b16"):
-        result = json.loads((tmp_path / model / "report.json").read_text())
-        assert [run["variant"] for run in result["runs"]] == ["baseline", "ldb"]
-        assert result["config"]["model"] == model and result["config"]["image_size"] == 16
-    parser = cli.build_parser()
-    suite = [cli.resolve(parser.parse_args(["--suite", "gpu"]), {**e, "suite": True}, parser) for e in cli.GPU_SUITE]
-    expected = ("baseline", "ldb", "batch-only", "ldb-block")
-    assert [(c.model, c.variants) for c in suite] == [("resnet50", expected), ("vit-b16", expected)]
-
-
-def test_block_variant_trains_a_resnet_in_block_mode():
-    config = BenchConfig(model="resnet18", image_size=8, epochs=3, train_samples=8, val_samples=8, batch_size=2)
-    epochs = run_variant(config, "ldb-block", log=lambda line: None)["epochs"]
-    assert [e["mode"] for e in epochs] == ["full", "full", "drop"] and [e["steps"] for e in epochs] == [4, 4, 2]
-    assert "ldb-block" in VARIANTS
-
-
-def test_block_variant_is_refused_for_a_model_without_residual_branches(capsys):
-    with pytest.raises(SystemExit):
-        cli.main(["--quick", "--variants", "ldb-block"])
-    assert "ldb-block needs residual branches, which --model digits_cnn has not" in capsys.readouterr().err

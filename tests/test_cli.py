@@ -22,7 +22,8 @@ from lightning_ldb.cli import LDBCLI, SUBCOMMAND_HELP, main  # noqa: E402
 from lightning_ldb.examples import EpochSummary, ImageClassifier  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
+# configs/bench/ holds ldb-bench presets (with ldb-bench's own keys: epochs, repeats, variants); test_bench parses them.
+ALL_CONFIGS = sorted(path for path in CONFIGS.rglob("*.yaml") if path.relative_to(CONFIGS).parts[0] != "bench")
 LDB_CLASS_PATH = "lightning_ldb.LayerDropBackCallback"
 
 

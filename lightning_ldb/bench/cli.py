@@ -1,245 +1,157 @@
-"""``ldb-bench`` (``python -m lightning_ldb.bench``): why LDB is faster or slower, in one command.
+"""``ldb-bench`` (``python -m lightning_ldb.bench``): will LDB speed up *my* training? One command.
 
-Examples::
+It reads the same LightningCLI config a user trains with through ``ldb fit`` (``model:``, ``data:``,
+``trainer:``, ``seed_everything:``; several ``--config`` compose, later ones win) with ``ldb``'s own
+parser, and runs LDB's attribution variants on it side by side::
 
-    ldb-bench --quick                                 # digits CNN on real digits, every variant, 2 repetitions
-    ldb-bench --model resnet18 --epochs 5             # ResNet-18, CIFAR stem, CIFAR-shaped synthetic data
-    ldb-bench --model mnist1d-cnn --variants baseline,ldb,batch-only
-    ldb-bench --suite gpu                             # ResNet-50 and ViT-B/16 on one GPU
+    ldb-bench --config my.yaml                          # baseline, ldb, batch-only (and ldb-block) on your model
+    ldb-bench --config my.yaml --profile                # the ceiling, before any training: a few steps, profile.json
+    ldb-bench --config my.yaml --limit-train-batches 50 --epochs 6 --repeats 3
+    ldb-bench --config configs/bench/mnist1d-cnn.yaml   # a preset (configs/bench/*.yaml; copy one to start)
+    ldb-bench --quick                                   # = --config configs/bench/quick.yaml
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
-import os
 import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional, Union
 
-import torch
+from jsonargparse import ActionYesNo
 
 from lightning_ldb.bench import report
-from lightning_ldb.bench.runner import (
-    PAPER_LDB,
-    VARIANTS,
-    BenchConfig,
-    run_benchmark,
-    variant_names,
-)
-from lightning_ldb.bench.workloads import WORKLOADS
-from lightning_ldb.callback import LayerDropBackCallback
+from lightning_ldb.bench.runner import VARIANTS, BenchOptions, Setup, prepare, run_benchmark
+from lightning_ldb.cli import LDBCLI, LDBArgumentParser, verbose_requested
 
-#: ``--quick``: real data, a cheap model, every variant twice.
-QUICK = {"model": "digits_cnn", "epochs": 4, "repeats": 2}
+#: ``--quick``: the short check's config (digits CNN on the real 8x8 digits, 4 epochs, 2 repetitions).
+QUICK_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "bench" / "quick.yaml"
 
-#: ``--suite gpu``: the issue's GPU measurement, one entry per model (explicit flags override each).
-GPU_SUITE = (
-    {"model": "resnet50", "epochs": 5, "repeats": 2, "variants": "baseline,ldb,batch-only,ldb-block"},
-    {"model": "vit-b16", "epochs": 4, "repeats": 2, "variants": "baseline,ldb,batch-only,ldb-block"},
-)
+DESCRIPTION = """\
+Will LDB speed up your training? Runs LayerDropBack and its attribution variants side by side on
+your own LightningCLI config (the one you train with through `ldb fit`: model:, data:, trainer:,
+seed_everything:), each run from the same seed on the same batches, and reports the time per epoch,
+the whole run, the validation metrics your model logs and a verdict. --profile instead measures the
+ceiling in a few steps: how much of a full step a DROP step can skip on this model and hardware.
+Writes report.json (every epoch), report.md and report.png (or profile.json) under --out."""
 
-#: Defaults of the options whose default does not come from the model preset.
-DEFAULTS: dict[str, Any] = {
-    "model": "resnet18",
-    "epochs": 5,
-    "val_samples": 256,
-    "repeats": 2,
-    "skip_epochs": 1,
-    "seed": 0,
-    "accelerator": "auto",
-    "sd_rate": 0.5,
-    **PAPER_LDB,
-}
+EPILOG = """\
+examples:
+  {prog} --config my.yaml                       # your model, data and trainer: baseline, ldb, batch-only
+  {prog} --config my.yaml --profile             # the ceiling before training: a few steps, profile.json
+  {prog} --config my.yaml --limit-train-batches 50 --epochs 6 --repeats 3
+  {prog} --config configs/quickstart.yaml       # the quickstart's digits CNN
+  {prog} --quick                                # = --config configs/bench/quick.yaml (every variant, twice)"""
 
-
-def _number(kind: type, low: float, high: Optional[float] = None, low_open: bool = False) -> Callable[[str], Any]:
-    """An argparse ``type``: a ``kind`` in ``[low, high)`` (``(low, ...`` if ``low_open``), else a one-line error."""
-    interval = f"{'(' if low_open else '['}{low:g}, {'inf' if high is None else f'{high:g}'})"
-    noun = "an integer" if kind is int else "a number"
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {noun} in {interval}, got {text!r}") from None
-        if value < low or (low_open and value == low) or (high is not None and value >= high) or value != value:
-            raise argparse.ArgumentTypeError(f"expected {noun} in {interval}, got {text!r}")
-        return value
-
-    return parse
-
-
-def _variants(text: str) -> tuple[str, ...]:
-    try:
-        return variant_names([name.strip() for name in text.split(",") if name.strip()])
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-#: ``(group, flag, type, help)`` of every option; ``(default: ...)`` is added from :data:`DEFAULTS` where it is there.
-_PRESET, _LDB, _MEASURE = (
-    "what to train (a model preset picks its own data and input shape)",
-    "LayerDropBack (defaults: the paper's settings)",
-    "measurement",
-)
-_OPTIONS: tuple[tuple[str, str, Optional[Callable[[str], Any]], str], ...] = (
-    (_PRESET, "--epochs", _number(int, 1), "training epochs per run"),
-    (_PRESET, "--train-samples", _number(int, 1), "training samples (default: the preset's)"),
-    (_PRESET, "--val-samples", _number(int, 1), "validation samples"),
-    (_PRESET, "--batch-size", _number(int, 1), "base (full-epoch) batch size (default: the preset's)"),
-    (_PRESET, "--lr", _number(float, 0, low_open=True), "base SGD learning rate (default: the preset's)"),
-    (_PRESET, "--image-size", _number(int, 1), "side of synthetic images (default: the preset's)"),
-    (_PRESET, "--seed", _number(int, 0), "seed of weights, data order and draws"),
-    (_PRESET, "--accelerator", None, "Lightning accelerator: auto, cpu, gpu"),
-    (_PRESET, "--precision", None, "Lightning precision (default: 32-true; bf16-mixed for --suite gpu on a GPU)"),
-    (_PRESET, "--threads", _number(int, 1), "torch CPU threads (default: 1 on CPU, measured faster on small or"
-     " shared machines than torch's choice, which is kept on a GPU)"),
-    (_LDB, "--drop-rate", _number(float, 0, 1), "fraction of candidate layers dropped"),
-    (_LDB, "--every", _number(int, 1), "a DROP epoch every N epochs"),
-    (_LDB, "--lr-scale", _number(float, 0, low_open=True), "DROP-epoch learning-rate factor"),
-    (_LDB, "--batch-scale", _number(int, 1), "DROP-epoch batch-size factor"),
-    (_LDB, "--keep-first", _number(int, 0), "first layers never dropped"),
-    (_LDB, "--keep-last", _number(int, 0), "last layers never dropped"),
-    (_LDB, "--sd-rate", _number(float, 0, 1), "stochastic-depth: the last block's drop rate, decaying linearly"
-     " to the first (Huang et al.)"),
-    (_MEASURE, "--variants", _variants, "comma-separated, from: "
+#: ``(flag, type, default, help)`` of the benchmark's own options (``ldb``'s model/data/trainer options come too).
+_OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
+    ("--epochs", Optional[int], None, "training epochs per run (default: 4)"),
+    ("--repeats", Optional[int], None, "repetitions, the run order alternating (default: 2)"),
+    ("--variants", Optional[str], None, "comma-separated, from: "
      + "; ".join(f"{name}: {what}" for name, (_, what) in VARIANTS.items())
-     + " (default: all that apply: ldb-block on residual models, stochastic-depth on ResNets)"),
-    (_MEASURE, "--repeats", _number(int, 1), "repetitions, the run order alternating"),
-    (_MEASURE, "--skip-epochs", _number(int, 0), "warm-up epochs left out of the DROP / full epoch ratio"),
+     + " (default: baseline, ldb, batch-only, and ldb-block where block mode finds residual branches)"),
+    ("--limit-train-batches", Optional[Union[int, float]], None,
+     "training batches per epoch (an int) or fraction of them, for every run (default: the trainer's)"),
+    ("--limit-val-batches", Optional[Union[int, float]], None,
+     "validation batches per epoch, for every run (default: the trainer's)"),
+    ("--skip-epochs", int, 1, "warm-up epochs left out of the DROP / full epoch ratio"),
+    ("--drop-rate", Optional[float], None, "LDB: fraction of candidate layers dropped (default: the config's"
+     " LayerDropBackCallback, else the paper's 0.3)"),
+    ("--every", Optional[int], None, "LDB: a DROP epoch every N epochs (default: the config's, else 2)"),
+    ("--lr-scale", Optional[float], None, "LDB: DROP-epoch learning-rate factor (default: the config's, else 2)"),
+    ("--batch-scale", Optional[int], None, "LDB: DROP-epoch batch-size factor (default: the config's, else 2)"),
+    ("--keep-first", Optional[int], None, "LDB: first layers never dropped (default: the config's, else 4)"),
+    ("--keep-last", Optional[int], None, "LDB: last layers never dropped (default: the config's, else 1)"),
+    ("--sd-rate", float, 0.5, "stochastic-depth: the last block's drop rate, decaying linearly to the first"),
+    ("--freeze-start", float, 0.5, "freezing: fraction of training before freezing begins (Composer's default)"),
+    ("--freeze-level", float, 1.0, "freezing: fraction of layers frozen by the end (Composer's default)"),
+    ("--profile-steps", int, 10, "--profile: timed steps per batch size, after as many warm-up steps"),
+    ("--out", str, "outputs/ldb-bench", "output folder"),
 )  # fmt: skip
+_LDB_FLAGS = ("drop_rate", "every", "lr_scale", "batch_scale", "keep_first", "keep_last")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ldb-bench",
-        description="Train one model with LayerDropBack and its attribution variants side by side (same data,"
-        " seed and hyperparameters) and print which part of the speed-up is the batch/LR schedule and which the"
-        " dropping. Writes report.json (all numbers), report.md and report.png.",
-    )
-    groups = {title: parser.add_argument_group(title) for title in (_PRESET, _LDB, _MEASURE)}
-    models = "; ".join(f"{name} ({workload.about})" for name, workload in WORKLOADS.items())
-    groups[_PRESET].add_argument(
-        "--model", choices=tuple(WORKLOADS), metavar="NAME", help=f"one of {models} (default: resnet18)"
-    )
-    groups[_PRESET].add_argument(
-        "--quick",
-        action="store_true",
-        help="the short check: digits_cnn on the real 8x8 digits, 4 epochs, 2 repetitions, every variant;"
-        " meant to finish within 3 minutes on 2 CPU cores",
-    )
-    groups[_PRESET].add_argument(
-        "--suite",
-        choices=("gpu",),
-        help="gpu: ResNet-50 (32x32, from scratch) and ViT-B/16 (224x224) with baseline, ldb, batch-only and"
-        " ldb-block, each in its own folder under --out; other flags given override the suite's sizes",
-    )
-    for group, flag, kind, text in _OPTIONS:
-        name = flag[2:].replace("-", "_")
-        default = f" (default: {DEFAULTS[name]:g})" if isinstance(DEFAULTS.get(name), float) else ""
-        default = default or (f" (default: {DEFAULTS[name]})" if name in DEFAULTS else "")
-        groups[group].add_argument(flag, type=kind, help=text + default)
-    groups[_MEASURE].add_argument(
-        "--out", type=Path, default=Path("outputs/ldb-bench"), help="output folder (default: outputs/ldb-bench)"
-    )
-    return parser
+class BenchCLI(LDBCLI):
+    """``ldb``'s parser and instantiation (:class:`~lightning_ldb.cli.LDBCLI`, ``run=False``) plus the bench options.
 
+    Constructing it parses the arguments, seeds (``seed_everything``) and instantiates the model, the data
+    and the trainer's callbacks, as ``ldb fit`` would; it builds no Trainer (:meth:`setup` returns the
+    user's Trainer arguments for the benchmark to build its own).
 
-def resolve(args: argparse.Namespace, preset: dict[str, Any], parser: argparse.ArgumentParser) -> BenchConfig:
-    """The configuration: explicit flags, then ``preset`` (``--quick``, a suite entry), then the model's defaults.
-
-    Bad combinations end in ``parser.error`` (one line naming the argument, exit code 2).
+    Args:
+        args: Command-line arguments, or a config.
+        verbose: As for ``ldb``.
     """
 
-    def pick(name: str, fallback: Any = None) -> Any:
-        value = getattr(args, name, None)
-        if value is not None:
-            return value
-        return preset.get(name, DEFAULTS.get(name, fallback))
+    def __init__(self, args: Any = None, verbose: Optional[bool] = None) -> None:
+        formatter = _formatter()
+        super().__init__(
+            args=args,
+            prog="ldb-bench",
+            verbose=verbose,
+            run=False,
+            save_config_callback=None,
+            parser_kwargs={
+                "prog": "ldb-bench",
+                "description": DESCRIPTION,
+                "epilog": EPILOG.format(prog="ldb-bench"),
+                "formatter_class": formatter,
+            },
+        )
 
-    model = pick("model")
-    workload = WORKLOADS[model]
-    accelerator = pick("accelerator")
-    on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    if args.image_size is not None and workload.data != "synthetic":
-        parser.error(f"argument --image-size: {model} trains on {workload.data} data of fixed shape {workload.shape}")
-    variants = pick("variants")
-    if isinstance(variants, str):
-        variants = _variants(variants)
-    if variants is None:
-        variants = tuple(
-            name for name in VARIANTS
-            if (name != "ldb-block" or workload.branches) and (name != "stochastic-depth" or workload.residual)
-        )  # fmt: skip
-    if "ldb-block" in variants and not workload.branches:
-        parser.error(f"argument --variants: ldb-block needs residual branches, which --model {model} has not")
-    if "stochastic-depth" in variants and not workload.residual:
-        parser.error(f"argument --variants: stochastic-depth needs a ResNet, got --model {model}")
-    config = BenchConfig(
-        model=model,
-        variants=variants,
-        epochs=pick("epochs"),
-        train_samples=pick("train_samples", workload.train_samples),
-        val_samples=pick("val_samples"),
-        batch_size=pick("batch_size", workload.batch_size),
-        lr=pick("lr", workload.lr),
-        image_size=args.image_size,
-        repeats=pick("repeats"),
-        skip_epochs=pick("skip_epochs"),
-        seed=pick("seed"),
-        threads=pick("threads", None if on_gpu else 1),
-        accelerator=accelerator,
-        precision=pick("precision", "bf16-mixed" if on_gpu and preset.get("suite") else "32-true"),
-        sd_rate=pick("sd_rate"),
-        ldb={key: pick(key) for key in PAPER_LDB},
-    )
-    _check(config, parser)
-    return config
+    def add_arguments_to_parser(self, parser: LDBArgumentParser) -> None:
+        group = parser.add_argument_group("ldb-bench")
+        text = "measure the ceiling in a few steps (profile.json) instead of the training runs"
+        group.add_argument("--profile", action=ActionYesNo, default=False, help=text)
+        for flag, kind, default, text in _OPTIONS:
+            group.add_argument(flag, type=kind, default=default, help=text)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        # The benchmark builds one Trainer per run from these arguments (see ``setup``): none here.
+        self.trainer_kwargs = {**self.config_init["trainer"], **kwargs}
+        return None
+
+    def setup(self) -> Setup:
+        """The model, data and Trainer arguments this construction instantiated."""
+        return Setup(self.model, self.datamodule, dict(self.trainer_kwargs))
 
 
-def _check(config: BenchConfig, parser: argparse.ArgumentParser) -> None:
-    if config.skip_epochs >= config.epochs:
-        parser.error(f"argument --skip-epochs: must be below --epochs ({config.epochs}), got {config.skip_epochs}")
-    if any(config.callback_args(v) for v in config.variants) and config.ldb["every"] >= config.epochs:
-        parser.error(f"argument --every: {config.ldb['every']} leaves no DROP epoch in {config.epochs} epochs;"
-                     f" raise --epochs above it")  # fmt: skip
-    for variant in config.variants:
-        args = config.callback_args(variant)
-        try:
-            if args is not None:
-                LayerDropBackCallback(**args)
-        except (TypeError, ValueError) as error:
-            parser.error(f"LDB settings of variant {variant}: {error}")
+def _formatter() -> type:
+    """jsonargparse's help formatter, keeping the line breaks of the description and examples (as ``ldb``'s)."""
+    import argparse
+
+    from jsonargparse import DefaultHelpFormatter
+
+    return type("BenchHelpFormatter", (argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter), {})
 
 
 @contextlib.contextmanager
-def _quiet_lightning() -> Iterator[None]:
+def _quiet_lightning(verbose: bool) -> Iterator[None]:
     """Hide Lightning's banners and data-loader hints (the benchmark prints its own progress), then restore."""
-    logger = logging.getLogger("lightning.pytorch")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
+    if verbose:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-            warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
-            warnings.filterwarnings("ignore", message=".*reload_dataloaders_every_n_epochs.*")
+            for message in ("does not have many workers", "smaller than the logging interval",
+                            "reload_dataloaders_every_n_epochs", "You are trying to `self.log", "args parameter is",
+                            "Checkpoint directory", "but have no `val_dataloader`"):  # fmt: skip
+                warnings.filterwarnings("ignore", message=f".*{message}.*")
+            for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+                warnings.filterwarnings("ignore", category=category)
+                warnings.filterwarnings("default", category=category, module=r"lightning_ldb(\.|$)")
             yield
     finally:
-        logger.setLevel(level)
-
-
-def _warn_if_busy() -> None:
-    try:
-        load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    except (AttributeError, OSError):
-        return
-    if load > 0.75 * cores:
-        print(f"Note: load average {load:.1f} on {cores} cores; other jobs share this machine, so expect wide ranges.")
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def write_outputs(result: dict[str, Any], out: Path) -> str:
@@ -252,26 +164,107 @@ def write_outputs(result: dict[str, Any], out: Path) -> str:
     return markdown
 
 
+def _expand_quick(argv: list[str]) -> list[str]:
+    if "--quick" not in argv:
+        return argv
+    if not QUICK_CONFIG.is_file():
+        raise SystemExit(f"error: --quick reads {QUICK_CONFIG}, which is missing (a clone of the repository has it);"
+                         " pass --config with a copy of configs/bench/quick.yaml instead.")  # fmt: skip
+    at = argv.index("--quick")
+    return [*argv[:at], "--config", str(QUICK_CONFIG), *argv[at + 1 :]]
+
+
+def _error(message: str) -> int:
+    import sys
+
+    sys.stderr.write(f"error: {message}\ntip: ldb-bench --help lists the options.\n")
+    return 2
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``ldb-bench``; returns the exit code (argument errors exit with 2)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.quick and args.suite:
-        parser.error("argument --quick: not allowed with --suite")
-    if args.suite:
-        if args.model is not None:
-            parser.error("argument --model: not allowed with --suite (the suite names its models)")
-        plans = [(resolve(args, {**entry, "suite": True}, parser), args.out / entry["model"]) for entry in GPU_SUITE]
-    else:
-        plans = [(resolve(args, QUICK if args.quick else {}, parser), args.out)]
-    _warn_if_busy()
+    """Entry point of ``ldb-bench``; returns the exit code (argument errors exit with 2).
+
+    Args:
+        argv: Command-line arguments; ``None`` reads ``sys.argv``.
+    """
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    verbose = verbose_requested(True if "--verbose" in args else None)
+    args = _expand_quick([arg for arg in args if arg != "--verbose"])
     started = time.perf_counter()
-    with _quiet_lightning():
-        for config, out in plans:
-            markdown = write_outputs(run_benchmark(config), out)
+    with _quiet_lightning(verbose):
+        first = BenchCLI(args, verbose=verbose)
+        config = first.config
+        # Every run re-parses the same arguments with the seed pinned: a fresh, identically seeded build.
+        pinned = [*args, f"--seed_everything={config['seed_everything']}"]
+        if config["seed_everything"] is False:
+            pinned = [*args, "--seed_everything=0"]
+        builds = iter([first.setup()])
+
+        def build() -> Setup:
+            reused = next(builds, None)  # the parsing construction's objects serve the first build (the checks)
+            return reused if reused is not None else BenchCLI(pinned, verbose=verbose).setup()
+
+        options = BenchOptions(
+            name=_name(config, args),
+            epochs=config["epochs"] or 4,
+            repeats=config["repeats"] or 2,
+            skip_epochs=config["skip_epochs"],
+            seed=int(config["seed_everything"] or 0),
+            limit_train_batches=config["limit_train_batches"],
+            limit_val_batches=config["limit_val_batches"],
+            sd_rate=config["sd_rate"],
+            freeze_start=config["freeze_start"],
+            freeze_level=config["freeze_level"],
+        )
+        overrides = {key: config[key] for key in _LDB_FLAGS if config[key] is not None}
+        requested = [v.strip() for v in config["variants"].split(",") if v.strip()] if config["variants"] else None
+        out = Path(config["out"])
+        about = _about(first)
+        if config["profile"]:
+            from lightning_ldb.bench import profile
+
+            try:
+                options, _ = prepare(build, options, requested or ["baseline"], overrides)
+                result = profile.profile(build, options, steps=config["profile_steps"], about=about)
+            except ValueError as error:  # bad settings, or LDB finds no candidate layer in the model
+                return _error(str(error))
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "profile.json").write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+            print(profile.render(result) + f"\nWrote {out}/profile.json")
+        else:
+            try:
+                options, notes = prepare(build, options, requested, overrides)
+            except ValueError as error:
+                return _error(str(error))
+            for note in notes:
+                print(f"Note: {note}")
+            result = run_benchmark(build, options, print, notes, about)
+            markdown = write_outputs(result, out)
             print("\n" + markdown + f"Wrote {out}/report.json, report.md, report.png")
     print(f"ldb-bench finished in {time.perf_counter() - started:.0f} s.")
     return 0
+
+
+def _name(config: Any, args: Sequence[str]) -> str:
+    paths = config.get("config") or []
+    if paths:
+        return Path(str(paths[-1])).stem
+    model = config.get("model")
+    class_path = model.get("class_path") if hasattr(model, "get") else None
+    return str(class_path or "model").rsplit(".", 1)[-1]
+
+
+def _about(cli: BenchCLI) -> dict[str, Any]:
+    trainer = cli.trainer_kwargs
+    about = {
+        "model_class": type(cli.model).__name__,
+        "data_class": type(cli.datamodule).__name__ if cli.datamodule is not None else None,
+        **{key: str(trainer[key]) for key in ("accelerator", "devices", "precision", "strategy")
+           if trainer.get(key) is not None},  # fmt: skip
+    }
+    return about
 
 
 if __name__ == "__main__":  # pragma: no cover

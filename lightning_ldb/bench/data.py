@@ -8,11 +8,27 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_ldb.datamodule import LDBDataModuleMixin
-from lightning_ldb.sampling import draw_key
+from lightning_ldb import LDBDataModuleMixin
 
 #: ``kind`` values of :func:`load_splits`.
 DATA_KINDS = ("synthetic", "digits", "mnist1d")
+
+
+def derived_seed(seed: int, *keys: int) -> int:
+    """A seed for the stream ``keys`` of ``seed``, drawn from a ``torch.Generator`` (never the global RNG).
+
+    Distinct ``keys`` give unrelated seeds, so the benchmark's streams (templates, splits, epochs) never overlap.
+
+    Example::
+
+        >>> derived_seed(0, 1) == derived_seed(0, 1) != derived_seed(0, 2)
+        True
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for key in keys:
+        drawn = int(torch.randint(2**62, (), generator=generator))
+        generator.manual_seed(drawn + key)
+    return int(torch.randint(2**62, (), generator=generator))
 
 
 def synthetic_images(
@@ -29,11 +45,11 @@ def synthetic_images(
         >>> data.tensors[0].shape, torch.bincount(data.tensors[1]).tolist()
         (torch.Size([20, 3, 8, 8]), [2, 2, 2, 2, 2, 2, 2, 2, 2, 2])
     """
-    templates_rng = torch.Generator().manual_seed(draw_key(seed, -1))
+    templates_rng = torch.Generator().manual_seed(derived_seed(seed, 1))
     coarse = torch.randn(num_classes, channels, 4, 4, generator=templates_rng)
     templates = torch.nn.functional.interpolate(coarse, size=(image_size, image_size), mode="bilinear")
     templates = templates / templates.flatten(1).std(dim=1).view(-1, 1, 1, 1)
-    rng = torch.Generator().manual_seed(draw_key(seed, split))
+    rng = torch.Generator().manual_seed(derived_seed(seed, 2, split))
     labels = (torch.arange(samples) % num_classes)[torch.randperm(samples, generator=rng)]
     noise = torch.randn(samples, channels, image_size, image_size, generator=rng)
     return TensorDataset(signal * templates[labels] + noise, labels)
@@ -89,27 +105,55 @@ def load_splits(
     raise ValueError(f"`kind` must be one of {list(DATA_KINDS)}, got {kind!r}.")
 
 
-class TensorDataModule(LDBDataModuleMixin, LightningDataModule):
-    """In-memory train/validation sets whose training order of epoch ``e`` depends only on ``(seed, e)``.
+class BenchDataModule(LDBDataModuleMixin, LightningDataModule):
+    """The presets' data, as a DataModule a config names (``class_path: lightning_ldb.bench.BenchDataModule``).
 
-    Every run of one invocation thus sees the same batches in the same order (LDB's DROP epochs in
-    batches ``batch_scale`` times larger, through :class:`~lightning_ldb.LDBDataModuleMixin`).
+    Training order of epoch ``e`` depends only on ``(seed, e)``; DROP epochs load batches ``batch_scale`` times
+    larger through :class:`~lightning_ldb.LDBDataModuleMixin`.
 
     Args:
-        train_set: Training samples.
-        val_set: Validation samples.
+        kind: ``synthetic``, ``digits`` or ``mnist1d`` (see :func:`load_splits`).
+        train_samples: Training samples (at most what ``kind`` has).
+        val_samples: Validation samples.
         batch_size: Base training batch size, and the validation batch size.
-        seed: Seed of the training order.
+        shape: One sample's shape, channels first (``[3, 32, 32]`` for synthetic CIFAR-shaped images).
+        num_classes: Number of classes.
+        seed: Seed of the data and of the training order.
+
+    Raises:
+        ValueError: If ``kind`` is unknown or a size is below 1.
     """
 
-    def __init__(self, train_set: TensorDataset, val_set: TensorDataset, batch_size: int, seed: int) -> None:
+    def __init__(
+        self,
+        kind: str = "synthetic",
+        train_samples: int = 1024,
+        val_samples: int = 256,
+        batch_size: int = 64,
+        shape: tuple[int, ...] = (3, 32, 32),
+        num_classes: int = 10,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
-        self.train_set, self.val_set = train_set, val_set
-        self.batch_size, self.seed = batch_size, seed
+        if kind not in DATA_KINDS:
+            raise ValueError(f"`kind` must be one of {list(DATA_KINDS)}, got {kind!r}.")
+        for name, value in (("train_samples", train_samples), ("val_samples", val_samples), ("batch_size", batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
+        self.kind, self.train_samples, self.val_samples = kind, train_samples, val_samples
+        self.batch_size, self.shape, self.num_classes, self.seed = batch_size, tuple(shape), num_classes, seed
+        self.train_set: Optional[TensorDataset] = None
+        self.val_set: Optional[TensorDataset] = None
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_set is None:
+            self.train_set, self.val_set = load_splits(
+                self.kind, self.train_samples, self.val_samples, self.shape, self.num_classes, self.seed
+            )
 
     def train_dataloader(self) -> DataLoader:
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        order: Optional[torch.Generator] = torch.Generator().manual_seed(draw_key(self.seed, epoch, step=-1))
+        order = torch.Generator().manual_seed(derived_seed(self.seed, 3, epoch))
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=order)
 
     def val_dataloader(self) -> DataLoader:

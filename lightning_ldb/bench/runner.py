@@ -1,29 +1,36 @@
-"""The runs: every variant on the same model, data, seed and hyperparameters, timed by one synchronised clock.
+"""The runs: every variant on the user's model, data and trainer, from the same seed, timed by one clock.
 
-Every run builds its network after ``seed_everything(seed)`` (identical initial weights) and trains on
-the same batches in the same order (:class:`~lightning_ldb.bench.data.TensorDataModule`). Variants
-differ only in what is listed in :data:`VARIANTS`. Repetitions alternate the run order (``A B C``,
-then ``C B A``), so slow drift of the machine's speed favours no variant.
+A *setup* is what one run trains: a freshly built LightningModule, its DataModule (or ``None`` when the
+module has its own loaders) and the user's ``Trainer`` arguments. :func:`run_benchmark` builds one per
+run through a ``build`` function (the ``ldb-bench`` command builds it from the user's LightningCLI
+config; :func:`compare` from two factories), so every variant starts from the same seed (identical
+initial weights). The global RNG is re-seeded from ``(seed, epoch)`` at the start of every training
+epoch, so every variant draws the same shuffles (the same batches in the same order) and dropout masks
+in each epoch. Variants differ only in what :data:`VARIANTS` lists. Repetitions alternate the run
+order (``A B C``, then ``C B A``), so slow drift of the machine's speed favours no variant.
+
+The library is used through its public names only (``lightning_ldb.__all__``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import platform
+import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, LearningRateMonitor, ModelSummary, ProgressBar
 
-from lightning_ldb.bench.data import TensorDataModule, load_splits
-from lightning_ldb.bench.workloads import BenchClassifier, Workload, workload_for
-from lightning_ldb.callback import LayerDropBackCallback
-from lightning_ldb.examples import TorchThreads
-from lightning_ldb.schedule import DROP, FULL, epoch_mode
+from lightning_ldb import LayerDropBackCallback, LDBDataModuleMixin, discover_branches
+from lightning_ldb.bench.data import derived_seed
+from lightning_ldb.bench.peers import ProgressiveFreezing, add_stochastic_depth, identity_blocks
 
 #: The paper's LDB settings (section 4.3.3): p = 0.3, a DROP epoch every second epoch, LR and batch x2,
 #: the first four layers and the last one always trained.
@@ -36,187 +43,529 @@ PAPER_LDB: dict[str, Any] = {
     "keep_last": 1,
     "resample": "epoch",
     "granularity": "module",
+    "batch_scaling": "loader",
 }
+
+#: The public attributes of a :class:`~lightning_ldb.LayerDropBackCallback` that the variants take over.
+LDB_ATTRIBUTES = (
+    *PAPER_LDB,
+    "include",
+    "exclude",
+    "communication",
+    "backward",
+    "branches",
+)
 
 #: Variant -> what it changes in the LDB arguments (``None``: no callback), and what it measures.
 VARIANTS: dict[str, tuple[Optional[dict[str, Any]], str]] = {
     "baseline": (None, "plain Lightning"),
-    "ldb": ({}, "LDB, the paper's settings"),
+    "ldb": ({}, "LDB with the config's settings (else the paper's)"),
     "batch-only": ({"drop_rate": 0.0}, "the same LR and batch scaling on the same DROP epochs, nothing dropped"),
     "drop-only": ({"batch_scale": 1}, "layers dropped and LR scaled, batch unchanged"),
-    "ldb-block": ({"backward": "block"}, "LDB with block-mode backward"),
-    "stochastic-depth": (None, "Stochastic Depth on the residual blocks (the paper's Table 5 peer), no LDB"),
+    "ldb-block": ({"backward": "block"}, "LDB with block-mode backward (models with residual branches)"),
+    "ldb-accumulate": (
+        {"batch_scaling": "accumulate"},
+        "LDB with the DROP batch taken as gradient accumulation (a full epoch's memory, no mixin needed)",
+    ),
+    "stochastic-depth": (None, "Stochastic Depth on torchvision ResNet blocks (the paper's Table 5 peer), no LDB"),
+    "freezing": (None, "progressive layer freezing (Composer's LayerFreezing schedule), no LDB"),
+}
+
+#: What runs unless ``variants`` says otherwise (``ldb-block`` only where block mode finds residual branches).
+DEFAULT_VARIANTS = ("baseline", "ldb", "batch-only", "ldb-block")
+
+#: The user's callbacks a benchmark run leaves out: LDB (each variant brings its own), writing to disk,
+#: stopping early, needing a logger, or printing (the benchmark prints its own lines).
+_LEFT_OUT = (LayerDropBackCallback, Checkpoint, EarlyStopping, LearningRateMonitor, ProgressBar, ModelSummary)
+_LEFT_OUT_NAMES = ("EpochSummary",)
+
+#: Trainer arguments the benchmark sets itself (the rest, accelerator/devices/precision/strategy included, are kept).
+_BENCH_TRAINER = {
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+    "val_check_interval": 1.0,  # validation once, at each epoch's end, so every epoch has its metrics
+    "check_val_every_n_epoch": 1,
+    "min_epochs": None,
+    "max_steps": -1,
+    "min_steps": None,
+    "max_time": None,
+    "fast_dev_run": False,
 }
 
 
 @dataclass
-class BenchConfig:
-    """One invocation's settings, resolved (no ``None`` left but ``threads``)."""
+class Setup:
+    """What one run trains, built afresh for every run.
 
-    model: str = "resnet18"
-    variants: tuple[str, ...] = ("baseline", "ldb", "batch-only", "drop-only")
-    epochs: int = 5
-    train_samples: int = 1024
-    val_samples: int = 256
-    batch_size: int = 64
-    lr: float = 0.1
-    num_classes: int = 10
-    image_size: Optional[int] = None
+    Args:
+        model: The LightningModule.
+        datamodule: Its DataModule, or ``None`` if the module has its own loaders.
+        trainer_kwargs: The user's ``Trainer`` arguments (``callbacks`` included).
+    """
+
+    model: LightningModule
+    datamodule: Optional[LightningDataModule] = None
+    trainer_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BenchOptions:
+    """One invocation's settings, resolved."""
+
+    name: str = "model"
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
+    epochs: int = 4
     repeats: int = 2
     skip_epochs: int = 1
     seed: int = 0
-    threads: Optional[int] = 1
-    accelerator: str = "auto"
-    precision: str = "32-true"
-    sd_rate: float = 0.5
+    limit_train_batches: Optional[float] = None
+    limit_val_batches: Optional[float] = None
     ldb: dict[str, Any] = field(default_factory=lambda: dict(PAPER_LDB))
-
-    @property
-    def workload(self) -> Workload:
-        return workload_for(self.model, self.image_size)
+    sd_rate: float = 0.5
+    freeze_start: float = 0.5
+    freeze_level: float = 1.0
 
     def callback_args(self, variant: str) -> Optional[dict[str, Any]]:
-        """The LDB callback's arguments in ``variant`` (``None``: no callback)."""
+        """The LDB callback's arguments in ``variant`` (``None``: no LDB callback)."""
         change = VARIANTS[variant][0]
         return None if change is None else {**self.ldb, **change, "seed": self.seed}
 
 
-class SyncedEpochClock(Callback):
-    """Wall-clock seconds, optimizer steps, batch size and ``val_acc`` of each training epoch.
+def ldb_settings(callbacks: Any) -> Optional[dict[str, Any]]:
+    """The settings of the first :class:`~lightning_ldb.LayerDropBackCallback` in ``callbacks`` (its public attributes).
 
-    The clock stops at the end of the epoch's last training batch, before validation, and waits for
-    queued CUDA work at both ends, so asynchronous kernels are billed to the epoch that launched them.
-
-    Args:
-        log: Receives one progress line per epoch.
+    Returns ``None`` when there is none.
     """
-
-    def __init__(self, log: Callable[[str], None] = print) -> None:
-        self.epochs: list[dict[str, Any]] = []
-        self._log = log
-        self._start = 0.0
-        self._steps = 0
-        self._batch_size = 0
-
-    @staticmethod
-    def _sync(pl_module: LightningModule) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._sync(pl_module)
-        self._steps, self._batch_size = 0, 0
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self._steps += 1
-        self._batch_size = max(self._batch_size, len(batch[1]))
-        if batch_idx + 1 >= trainer.num_training_batches:
-            self._sync(pl_module)
-            seconds = time.perf_counter() - self._start
-            record = {"epoch": trainer.current_epoch, "seconds": seconds, "steps": self._steps}
-            self.epochs.append({**record, "batch_size": self._batch_size})
-
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.epochs and "val_acc" in trainer.callback_metrics:
-            record = self.epochs[-1]
-            record["val_acc"] = float(trainer.callback_metrics["val_acc"])
-            self._log(
-                f"    epoch {record['epoch']}: {record['seconds']:.2f} s, {record['steps']} steps of"
-                f" {record['batch_size']}, val_acc {record['val_acc']:.3f}"
-            )
+    if callbacks is None:
+        return None
+    for callback in callbacks if isinstance(callbacks, Sequence) else [callbacks]:
+        if isinstance(callback, LayerDropBackCallback):
+            return {key: getattr(callback, key) for key in LDB_ATTRIBUTES}
+    return None
 
 
-def run_variant(config: BenchConfig, variant: str, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train ``variant`` once; return its record (per-epoch seconds, steps, modes, accuracy).
+def train_source(setup: Setup) -> Any:
+    """What serves the training batches: the DataModule, else the LightningModule."""
+    return setup.datamodule if setup.datamodule is not None else setup.model
+
+
+def has_mixin(setup: Setup) -> bool:
+    """Whether the training data source can serve the DROP batch (uses :class:`~lightning_ldb.LDBDataModuleMixin`)."""
+    return isinstance(train_source(setup), LDBDataModuleMixin)
+
+
+def mixin_note(setup: Setup) -> str:
+    """The one line said when the data source cannot serve the DROP batch."""
+    source = train_source(setup)
+    return (
+        f"{type(source).__name__} does not use lightning_ldb.LDBDataModuleMixin, so DROP epochs run at the base"
+        " batch (batch_scale=1); add the mixin to its bases to measure LDB's batch schedule."
+    )
+
+
+def applicable_variants(setup: Setup, ldb: Mapping[str, Any]) -> dict[str, Optional[str]]:
+    """Each variant's reason not to apply to ``setup`` (``None``: it applies)."""
+    branches = ldb.get("branches")
+    try:
+        found = discover_branches(setup.model, branches)
+    except (TypeError, ValueError):  # a user's branches= that does not fit: the ldb-block run would say so
+        found = []
+    name = type(setup.model).__name__
+    return {
+        **{variant: None for variant in VARIANTS},
+        "ldb-block": None if found else f"block mode finds no residual branch in {name}",
+        "stochastic-depth": None if identity_blocks(setup.model) else f"{name} has no torchvision ResNet block",
+    }
+
+
+def resolve_variants(
+    requested: Optional[Sequence[str]], setup: Setup, ldb: Mapping[str, Any]
+) -> tuple[tuple[str, ...], list[str]]:
+    """The variants to run and the notes on those left out.
+
+    ``requested=None`` runs :data:`DEFAULT_VARIANTS` that apply; a requested variant that does not apply raises.
 
     Raises:
-        ValueError: If ``variant`` is unknown, or ``stochastic-depth`` is asked of a non-residual model.
+        ValueError: If a requested name is unknown, repeated, or does not apply to the model.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"`variant` must be one of {list(VARIANTS)}, got {variant!r}.")
-    workload = config.workload
-    train_set, val_set = load_splits(
-        workload.data, config.train_samples, config.val_samples, workload.shape, config.num_classes, config.seed
-    )
-    datamodule = TensorDataModule(train_set, val_set, config.batch_size, config.seed)
-    seed_everything(config.seed, verbose=False)
-    sd_rate = config.sd_rate if variant == "stochastic-depth" else 0.0
-    module = BenchClassifier(config.model, config.num_classes, config.lr, config.image_size, sd_rate, config.seed)
-    clock = SyncedEpochClock(log)
-    # The clock goes first, so it also times the work LDB does at epoch start.
-    callbacks: list[Callback] = [clock]
-    if config.threads is not None:
-        callbacks.append(TorchThreads(config.threads))
-    ldb_args = config.callback_args(variant)
-    if ldb_args is not None:
-        callbacks.append(LayerDropBackCallback(**ldb_args))
-    trainer = Trainer(
-        accelerator=config.accelerator,
-        devices=1,
-        precision=config.precision,
-        max_epochs=config.epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-        num_sanity_val_steps=0,
-        # Every variant rebuilds its train loader every epoch, so all do the same loading work.
-        reload_dataloaders_every_n_epochs=1,
-    )
-    trainer.fit(module, datamodule=datamodule)
-    every = ldb_args["every"] if ldb_args else None
-    for record in clock.epochs:
-        record["mode"] = epoch_mode(record["epoch"], every) if every else FULL
-    del trainer, module, datamodule
-    gc.collect()
-    return {"variant": variant, "epochs": clock.epochs}
-
-
-def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Every repetition of every variant; the result is the JSON the report and plots are drawn from."""
-    runs = []
-    total = config.repeats * len(config.variants)
-    for repeat in range(config.repeats):
-        ordered = config.variants if repeat % 2 == 0 else config.variants[::-1]
-        for variant in ordered:
-            log(f"[{len(runs) + 1}/{total}] {config.model}: {variant} (repetition {repeat + 1}/{config.repeats})")
-            runs.append({**run_variant(config, variant, log), "repeat": repeat})
-    return {"schema": "ldb-bench/2", "config": asdict(config), "environment": environment(config), "runs": runs}
-
-
-def environment(config: BenchConfig) -> dict[str, Any]:
-    """The machine and the versions the benchmark ran on."""
-    import lightning
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    on_gpu = config.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    return {
-        "device": f"CUDA {torch.cuda.get_device_name(0)}" if on_gpu else "CPU",
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "lightning": lightning.__version__,
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-    }
+    reasons = applicable_variants(setup, ldb)
+    if requested is None:
+        chosen = tuple(v for v in DEFAULT_VARIANTS if reasons[v] is None)
+        notes = [f"{v} left out: {reasons[v]}." for v in DEFAULT_VARIANTS if reasons[v] is not None]
+        return chosen, notes
+    chosen = variant_names(requested)
+    for variant in chosen:
+        if reasons[variant] is not None:
+            raise ValueError(f"`variants`: {variant} does not apply: {reasons[variant]}. Leave it out of `variants`.")
+    return chosen, []
 
 
 def variant_names(names: Sequence[str]) -> tuple[str, ...]:
     """``names`` checked against :data:`VARIANTS`.
 
     Raises:
-        ValueError: If a name is unknown or repeated.
+        ValueError: If a name is unknown or repeated, or there is none.
     """
     unknown = [name for name in names if name not in VARIANTS]
     if unknown or not names or len(set(names)) != len(names):
-        raise ValueError(f"expected distinct names among {', '.join(VARIANTS)}, got {','.join(names)!r}")
+        raise ValueError(f"`variants`: expected distinct names among {', '.join(VARIANTS)}, got {','.join(names)!r}.")
     return tuple(names)
+
+
+# ---------------------------------------------------------------------------------------------- the clock
+def _sync(module: LightningModule) -> None:
+    if module.device.type == "cuda":
+        torch.cuda.synchronize(module.device)
+
+
+def batch_length(batch: Any) -> Optional[int]:
+    """The number of samples in ``batch``: the first dimension of its first tensor (``None`` if it has none)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else None
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    for value in values:
+        length = batch_length(value)
+        if length is not None:
+            return length
+    return None
+
+
+def is_validation_metric(name: str) -> bool:
+    """Whether a logged metric's name marks it as a validation metric (``val_acc``, ``val/loss``, ``valid_f1``)."""
+    lowered = name.lower()
+    return lowered.startswith("val") or "/val" in lowered
+
+
+class EpochClock(Callback):
+    """The benchmark's one clock: seconds, optimizer steps, batch size, mode and validation metrics of each epoch.
+
+    The clock stops at the end of the epoch's last training batch, before validation, and waits for queued
+    CUDA work at both ends, so asynchronous kernels are billed to the epoch that launched them. At the start
+    of every training epoch it re-seeds the global RNGs from ``(seed, epoch)``, before the train loader is
+    iterated: every variant shuffles and draws alike in every epoch, whatever the variants before it did.
+
+    Args:
+        seed: The benchmark's seed.
+        log: Receives one line per epoch.
+    """
+
+    def __init__(self, seed: int, log: Callable[[str], None] = print) -> None:
+        self.seed = seed
+        self.epochs: list[dict[str, Any]] = []
+        self._log = log
+        self._start = 0.0
+        self._first_step = 0
+        self._batch_size = 0
+        self._logged: Optional[int] = None
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        epoch_seed = derived_seed(self.seed, 5, trainer.current_epoch) % 2**32
+        torch.manual_seed(epoch_seed)
+        random.seed(epoch_seed)
+        try:
+            import numpy
+
+            numpy.random.seed(epoch_seed)
+        except ImportError:  # pragma: no cover - numpy ships with torch's usual installs
+            pass
+        _sync(pl_module)
+        # Optimizer steps, not batches: with batch_scaling="accumulate" a DROP epoch steps once per several batches.
+        self._first_step, self._batch_size = trainer.global_step, 0
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_size = max(self._batch_size, batch_length(batch) or 0)
+        if batch_idx + 1 >= trainer.num_training_batches:
+            _sync(pl_module)
+            seconds = time.perf_counter() - self._start
+            ldb = next((cb for cb in trainer.callbacks if isinstance(cb, LayerDropBackCallback)), None)
+            self.epochs.append(
+                {
+                    "epoch": trainer.current_epoch,
+                    "mode": ldb.mode if ldb is not None else "full",
+                    "seconds": seconds,
+                    "steps": trainer.global_step - self._first_step,
+                    "batch_size": self._batch_size,
+                }
+            )
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or not self.epochs:
+            return
+        record = self.epochs[-1]
+        for name, value in trainer.callback_metrics.items():
+            if is_validation_metric(name) and isinstance(value, torch.Tensor) and value.numel() == 1:
+                record[name] = float(value)
+        self._log_epoch(record)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.epochs and self._logged != self.epochs[-1]["epoch"]:
+            self._log_epoch(self.epochs[-1])  # no validation ran this epoch
+
+    def _log_epoch(self, record: dict[str, Any]) -> None:
+        self._logged = record["epoch"]
+        metrics = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if is_validation_metric(k))
+        self._log(
+            f"    epoch {record['epoch']} ({record['mode']}): {record['seconds']:.2f} s, {record['steps']} steps of"
+            f" {record['batch_size']}" + (f", {metrics}" if metrics else "")
+        )
+
+
+# ---------------------------------------------------------------------------------------------- the runs
+def kept_callbacks(callbacks: Any) -> tuple[list[Callback], list[str]]:
+    """The user's callbacks a benchmark run keeps, and the class names of those it leaves out."""
+    if callbacks is None:
+        return [], []
+    kept, left_out = [], []
+    for callback in callbacks if isinstance(callbacks, Sequence) else [callbacks]:
+        if isinstance(callback, _LEFT_OUT) or type(callback).__name__ in _LEFT_OUT_NAMES:
+            left_out.append(type(callback).__name__)
+        else:
+            kept.append(callback)
+    return kept, left_out
+
+
+def bench_trainer_kwargs(user: Mapping[str, Any], options: BenchOptions, callbacks: list[Callback]) -> dict[str, Any]:
+    """The ``Trainer`` arguments of one run: the user's, with the benchmark's epochs, limits and no disk output."""
+    kwargs = {key: value for key, value in user.items() if key != "callbacks"}
+    kwargs.update(_BENCH_TRAINER, max_epochs=options.epochs, callbacks=callbacks)
+    if options.limit_train_batches is not None:
+        kwargs["limit_train_batches"] = options.limit_train_batches
+    if options.limit_val_batches is not None:
+        kwargs["limit_val_batches"] = options.limit_val_batches
+    return kwargs
+
+
+def run_variant(
+    build: Callable[[], Setup], options: BenchOptions, variant: str, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Train ``variant`` once on a freshly built setup; return its record (every epoch's figures).
+
+    Raises:
+        ValueError: If ``variant`` is unknown.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"`variant` must be one of {list(VARIANTS)}, got {variant!r}.")
+    setup = build()
+    clock = EpochClock(options.seed, log)
+    kept, _ = kept_callbacks(setup.trainer_kwargs.get("callbacks"))
+    # The clock goes first, so it also times the work LDB does at epoch start.
+    callbacks: list[Callback] = [clock, *kept]
+    ldb_args = options.callback_args(variant)
+    if ldb_args is not None:
+        if not has_mixin(setup) and ldb_args["batch_scaling"] == "loader":
+            ldb_args["batch_scale"] = 1
+        callbacks.append(LayerDropBackCallback(**ldb_args))
+    if variant == "stochastic-depth":
+        add_stochastic_depth(setup.model, options.sd_rate, options.seed)
+    if variant == "freezing":
+        callbacks.append(ProgressiveFreezing(options.freeze_start, options.freeze_level))
+    trainer = Trainer(**bench_trainer_kwargs(setup.trainer_kwargs, options, callbacks))
+    trainer.fit(setup.model, datamodule=setup.datamodule)
+    del trainer, setup
+    gc.collect()
+    return {"variant": variant, "epochs": clock.epochs}
+
+
+def run_benchmark(
+    build: Callable[[], Setup],
+    options: BenchOptions,
+    log: Callable[[str], None] = print,
+    notes: Sequence[str] = (),
+    about: Optional[Mapping[str, Any]] = None,
+) -> dict[str, Any]:
+    """Every repetition of every variant; the result is the JSON the report and plots are drawn from.
+
+    Args:
+        build: Returns a fresh :class:`Setup`, seeded alike every time.
+        options: The variants, epochs, repetitions and settings.
+        log: Receives the progress lines.
+        notes: Lines the report repeats (e.g. the mixin note).
+        about: What was trained (class names), recorded under ``"config"``.
+    """
+    runs = []
+    total = options.repeats * len(options.variants)
+    # An unrecorded warm-up (a few steps of the first variant): the first recorded run would otherwise also pay
+    # for first-use costs (allocator, kernels, caches), and the alternating order puts the same variant first.
+    log(f"[warm-up] {options.name}: {options.variants[0]}, a few steps, not recorded")
+    warm = dataclasses.replace(options, epochs=1, limit_train_batches=3, limit_val_batches=1)
+    run_variant(build, warm, options.variants[0], log=lambda line: None)
+    for repeat in range(options.repeats):
+        ordered = options.variants if repeat % 2 == 0 else options.variants[::-1]
+        for variant in ordered:
+            log(f"[{len(runs) + 1}/{total}] {options.name}: {variant} (repetition {repeat + 1}/{options.repeats})")
+            runs.append({**run_variant(build, options, variant, log), "repeat": repeat})
+    config = {**asdict(options), **(about or {})}
+    config["ldb"] = {key: _jsonable(value) for key, value in config["ldb"].items()}
+    return {
+        "schema": "ldb-bench/3",
+        "config": config,
+        "environment": environment(run_on_gpu(about or {})),
+        "notes": list(notes),
+        "runs": runs,
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return getattr(value, "__qualname__", repr(value))
+
+
+def run_on_gpu(about: Mapping[str, Any]) -> bool:
+    """Whether the runs described by ``about`` (its ``accelerator``) use a CUDA GPU."""
+    accelerator = str(about.get("accelerator", "auto"))
+    return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
+def environment(on_gpu: bool = False) -> dict[str, Any]:
+    """The machine and versions the benchmark ran on, from ``torch.utils.collect_env``, and the load average."""
+    import lightning
+    from torch.utils import collect_env
+
+    cpu_info = collect_env.get_cpu_info(collect_env.run) or ""
+    cpu = next((line.split(":", 1)[1].strip() for line in cpu_info.splitlines() if line.startswith("Model name")), "")
+    try:
+        load: Optional[float] = round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        load = None
+    return {
+        "device": f"CUDA {torch.cuda.get_device_name(0)}" if on_gpu else "CPU",
+        "cpu": cpu or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "os": collect_env.get_os(collect_env.run),
+        "load_average_1min": load,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "lightning": lightning.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- Python entry point
+def prepare(
+    build: Callable[[], Setup],
+    options: BenchOptions,
+    requested: Optional[Sequence[str]],
+    ldb_overrides: Optional[Mapping[str, Any]] = None,
+) -> tuple[BenchOptions, list[str]]:
+    """Complete ``options`` from a first built setup: LDB settings, variants, checks; return them with the notes.
+
+    LDB settings: the paper's, then the config's ``LayerDropBackCallback`` (if any), then ``ldb_overrides``.
+
+    Raises:
+        ValueError: On settings LDB rejects, a variant that does not apply, or no DROP epoch within ``epochs``.
+    """
+    setup = build()
+    if options.name == BenchOptions.name:
+        options.name = type(setup.model).__name__
+    ldb = {**PAPER_LDB, **(ldb_settings(setup.trainer_kwargs.get("callbacks")) or {}), **(ldb_overrides or {})}
+    variants, notes = resolve_variants(requested, setup, ldb)
+    options.ldb, options.variants = ldb, variants
+    loader_scaled = [options.callback_args(v) for v in variants]
+    if not has_mixin(setup) and any(args and args["batch_scaling"] == "loader" for args in loader_scaled):
+        notes.insert(0, mixin_note(setup))
+    _, left_out = kept_callbacks(setup.trainer_kwargs.get("callbacks"))
+    left_out = [name for name in left_out if name != LayerDropBackCallback.__name__]  # each variant brings its own
+    if left_out:
+        notes.append(f"Callbacks left out of the benchmark runs: {', '.join(left_out)} (nothing is written to disk,"
+                     " the benchmark prints its own lines).")  # fmt: skip
+    if options.epochs < 1:
+        raise ValueError(f"`epochs` must be >= 1, got {options.epochs!r}.")
+    if not 0 <= options.skip_epochs < options.epochs:
+        raise ValueError(f"`skip_epochs` must be in [0, epochs={options.epochs}), got {options.skip_epochs!r}.")
+    if any(options.callback_args(v) for v in variants) and ldb["every"] >= options.epochs:
+        raise ValueError(
+            f"`epochs`: {options.epochs} epochs hold no DROP epoch with every={ldb['every']}; raise `epochs` above"
+            f" {ldb['every']}."
+        )
+    for variant in variants:
+        args = options.callback_args(variant)
+        if args is not None:
+            try:
+                LayerDropBackCallback(**args)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"LDB settings of variant {variant}: {error}") from error
+    del setup
+    return options, notes
+
+
+def compare(
+    model_factory: Callable[[], LightningModule],
+    data_factory: Optional[Callable[[], Optional[LightningDataModule]]] = None,
+    trainer_kwargs: Optional[Mapping[str, Any]] = None,
+    *,
+    variants: Optional[Sequence[str]] = None,
+    epochs: int = 4,
+    repeats: int = 1,
+    seed: int = 0,
+    ldb: Optional[Mapping[str, Any]] = None,
+    limit_train_batches: Optional[float] = None,
+    limit_val_batches: Optional[float] = None,
+    skip_epochs: int = 1,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run LDB's variants side by side on your own model and data, without a config file.
+
+    Every run calls ``seed_everything(seed)``, then ``model_factory()`` and ``data_factory()``: give
+    factories that build afresh, so every variant starts from identical weights.
+
+    Args:
+        model_factory: Builds the LightningModule.
+        data_factory: Builds the DataModule; ``None`` if the module has its own loaders.
+        trainer_kwargs: ``Trainer`` arguments (accelerator, devices, precision, strategy, callbacks...); a
+            ``LayerDropBackCallback`` among the callbacks gives the LDB settings. Logging, checkpointing and
+            the epoch count are the benchmark's.
+        variants: Names from :data:`VARIANTS`; ``None``: :data:`DEFAULT_VARIANTS` that apply.
+        epochs: Training epochs per run.
+        repeats: Repetitions, the run order alternating.
+        seed: Seed of weights, data order and draws.
+        ldb: LDB settings overriding the callback's (or the paper's).
+        limit_train_batches: ``Trainer(limit_train_batches=...)`` for every run.
+        limit_val_batches: ``Trainer(limit_val_batches=...)`` for every run.
+        skip_epochs: Warm-up epochs left out of the DROP / full epoch ratio.
+        log: Receives the progress lines.
+
+    Returns:
+        The result dict (``"schema": "ldb-bench/3"``) that :func:`~lightning_ldb.bench.report.render_markdown`
+        and :func:`~lightning_ldb.bench.report.plot` take.
+
+    Raises:
+        ValueError: On a bad setting (see :func:`prepare`).
+
+    Example::
+
+        result = lightning_ldb.bench.compare(MyModel, MyDataModule, {"accelerator": "gpu"}, epochs=6)
+        print(lightning_ldb.bench.report.render_markdown(result))
+    """
+    user_kwargs = dict(trainer_kwargs or {})
+
+    def build() -> Setup:
+        seed_everything(seed, verbose=False)
+        model = model_factory()
+        datamodule = data_factory() if data_factory is not None else None
+        return Setup(model, datamodule, user_kwargs)
+
+    options = BenchOptions(
+        epochs=epochs,
+        repeats=repeats,
+        seed=seed,
+        limit_train_batches=limit_train_batches,
+        limit_val_batches=limit_val_batches,
+        skip_epochs=skip_epochs,
+    )
+    options, notes = prepare(build, options, variants, ldb)
+    for note in notes:
+        log(f"Note: {note}")
+    about = {"model_class": options.name, "accelerator": str(user_kwargs.get("accelerator", "auto"))}
+    return run_benchmark(build, options, log, notes, about)
