@@ -76,10 +76,45 @@ def sync_for(model: nn.Module, resample: str, fabric: Any = None) -> Sync:
         resample: ``"epoch"`` or ``"step"`` (how often the cross-rank check runs).
         fabric: The ``lightning.fabric.Fabric`` that set ``model`` up, if any.
     """
+    check_servable(model, fabric)
     world_size = fabric.world_size if fabric is not None else (dist.get_world_size() if dist.is_initialized() else 1)
     if world_size <= 1:
         return LocalSync()
     return ProcessGroupSync(model, resample, fabric)
+
+
+#: Fabric strategies built on ``DDPStrategy`` that do not wrap the model in ``DistributedDataParallel``.
+_NOT_DDP_WRAPPERS = {"DeepSpeedStrategy", "XLAStrategy"}
+
+
+def check_servable(model: nn.Module, fabric: Any = None) -> None:
+    """Refuse what the engine cannot serve: a Fabric strategy other than one device or DDP, or an FSDP1 model.
+
+    Raises:
+        ValueError: Naming the strategy or wrapper, and what to use instead.
+    """
+    # LDB drops a layer by flipping its parameters' ``requires_grad`` between steps. FSDP1 flattens the
+    # parameters, DeepSpeed partitions them and XLA traces them, so per-layer flags would not hold (or silently
+    # train something else); FSDP2 is served by the Trainer's ModelParallelStrategy adapter, not here.
+    if fabric is not None:
+        strategy = type(fabric.strategy)
+        names = {cls.__name__ for cls in strategy.__mro__}
+        servable = "SingleDeviceStrategy" in names or ("DDPStrategy" in names and not names & _NOT_DDP_WRAPPERS)
+        if not servable:
+            raise ValueError(
+                f"LayerDropBack(fabric=...) does not support Fabric's {strategy.__name__}: LDB drops layers by setting"
+                " `requires_grad=False` on their parameters between steps, which sharded, partitioned or traced"
+                " parameters do not allow. Use one device or Fabric(strategy='ddp'); to shard a model, train it with"
+                " the Trainer, ModelParallelStrategy and LayerDropBackCallback (docs/fsdp.md)."
+            )
+    from torch.distributed.fsdp import FullyShardedDataParallel  # noqa: PLC0415 - loaded only when needed
+
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise ValueError(
+            "LayerDropBack does not support a model wrapped in torch's FullyShardedDataParallel (FSDP1): it flattens"
+            " the parameters, so per-layer `requires_grad` flags cannot change under it. Use DistributedDataParallel,"
+            " or the Trainer with ModelParallelStrategy (FSDP2) and LayerDropBackCallback (docs/fsdp.md)."
+        )
 
 
 def find_ddp_wrapper(model: nn.Module) -> Optional[DistributedDataParallel]:

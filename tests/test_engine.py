@@ -228,3 +228,17 @@ def test_bad_arguments_fail_like_the_callbacks(kwargs, error, match):
 def test_a_non_optimizer_is_refused_naming_the_argument():
     with pytest.raises(TypeError, match=r"`optimizers` must be a torch.optim.Optimizer"):
         LayerDropBack(new_model(), ["sgd"])
+
+
+def test_fabric_strategies_ldb_cannot_serve_are_refused_before_anything_changes():
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies import ModelParallelStrategy
+
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(6)])
+    fabric = Fabric(accelerator="cpu", devices=1, strategy=ModelParallelStrategy(parallelize_fn=lambda m, _: m))
+    with pytest.raises(ValueError, match="does not support Fabric's ModelParallelStrategy.*strategy='ddp'"):
+        LayerDropBack(model, torch.optim.SGD(model.parameters(), lr=0.1), fabric=fabric)
+    assert all(p.requires_grad for p in model.parameters())
+    # One device and DDP are served.
+    for strategy in ("auto", "ddp"):
+        LayerDropBack(model, fabric=Fabric(accelerator="cpu", devices=1, strategy=strategy), seed=0).close()
