@@ -4,7 +4,7 @@ The public API is what this module exports; everything else is internal and may 
 """
 
 from lightning_ldb._compat import CompatibilityError
-from lightning_ldb.branches import branch_from_names, discover_branches
+from lightning_ldb.branches import branch_from_names
 from lightning_ldb.callback import LayerDropBackCallback
 from lightning_ldb.datamodule import LDBDataModuleMixin
 from lightning_ldb.engine import LayerDropBack
@@ -18,6 +18,5 @@ __all__ = [
     "LayerDropBack",
     "LayerDropBackCallback",
     "branch_from_names",
-    "discover_branches",  # kept for lightning_ldb.bench; to be removed
     "estimated_stepping_batches",
 ]

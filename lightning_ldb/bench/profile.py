@@ -32,8 +32,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_ldb import LayerDropBackCallback, discover_branches
-from lightning_ldb.bench.runner import BenchOptions, Setup, environment, kept_callbacks, run_on_gpu
+from lightning_ldb import LayerDropBackCallback
+from lightning_ldb.bench.runner import BenchOptions, Setup, environment, kept_callbacks, residual_branches, run_on_gpu
 
 
 class _Batches:
@@ -104,7 +104,7 @@ def drop_candidates(build: Callable[[], Setup], ldb: Mapping[str, Any]) -> dict[
     """What a DROP step may drop, found through the public API only; ONE place, to swap for a newer API.
 
     Weights mode: the callback's ``candidate_layers`` after a one-step fit (module names, or parameter names
-    with ``granularity="parameter"``). Block mode: ``lightning_ldb.discover_branches`` for the branches'
+    with ``granularity="parameter"``). Block mode: the engine's branches (:func:`~lightning_ldb.bench.runner.residual_branches`) for the branches'
     members, restricted to the block-mode callback's ``candidate_layers`` (``None`` when there is no branch).
 
     Returns:
@@ -114,10 +114,7 @@ def drop_candidates(build: Callable[[], Setup], ldb: Mapping[str, Any]) -> dict[
     for mode in ("weights", "block"):
         setup = build()
         if mode == "block":
-            try:
-                if not discover_branches(setup.model, ldb.get("branches")):
-                    break
-            except (TypeError, ValueError):  # a branches= spec that does not fit this model: no block mode
+            if not residual_branches(setup.model, ldb.get("branches")):
                 break
         settings = {**ldb, "backward": mode, "batch_scale": 1, "every": 1}
         if mode == "weights":
@@ -264,7 +261,7 @@ def count_flops(
     _, weights_backward = backward_flops([p for p in candidate_params if p.requires_grad])
     block_saving = None
     if branches is not None:
-        chosen = [b for b in discover_branches(model, branches_spec) if b.name in set(branches)]
+        chosen = [b for b in residual_branches(model, branches_spec) if b.name in set(branches)]
         frozen = [p for b in chosen for p in b.parameters if p.requires_grad]
         _, block_backward = backward_flops(frozen, [b.entry for b in chosen])
         block_saving = full_backward - block_backward

@@ -28,7 +28,7 @@ import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, LearningRateMonitor, ModelSummary, ProgressBar
 
-from lightning_ldb import LayerDropBackCallback, LDBDataModuleMixin, discover_branches
+from lightning_ldb import LayerDropBack, LayerDropBackCallback, LDBDataModuleMixin
 from lightning_ldb.bench.data import derived_seed
 from lightning_ldb.bench.peers import ProgressiveFreezing, add_stochastic_depth, identity_blocks
 
@@ -166,13 +166,25 @@ def mixin_note(setup: Setup) -> str:
     )
 
 
+def residual_branches(model: Any, branches: Any = None) -> list[Any]:
+    """The residual branches block mode finds in ``model`` (``[]`` if none, or if ``branches=`` does not fit it).
+
+    Each has ``name``, ``entry`` (the module whose input a dropped branch gets detached) and ``parameters``: the
+    engine's block-mode units with nothing kept, read through the public :class:`~lightning_ldb.LayerDropBack`.
+    """
+    try:
+        ldb = LayerDropBack(model, backward="block", branches=branches, keep_first=0, keep_last=0, seed=0)
+    except (TypeError, ValueError):  # no branch, or a user's branches= that does not fit: no block mode
+        return []
+    try:
+        return list(ldb.candidates)
+    finally:
+        ldb.close()
+
+
 def applicable_variants(setup: Setup, ldb: Mapping[str, Any]) -> dict[str, Optional[str]]:
     """Each variant's reason not to apply to ``setup`` (``None``: it applies)."""
-    branches = ldb.get("branches")
-    try:
-        found = discover_branches(setup.model, branches)
-    except (TypeError, ValueError):  # a user's branches= that does not fit: the ldb-block run would say so
-        found = []
+    found = residual_branches(setup.model, ldb.get("branches"))
     name = type(setup.model).__name__
     return {
         **{variant: None for variant in VARIANTS},
