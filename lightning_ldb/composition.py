@@ -126,11 +126,15 @@ def note_dropped_layers(exception: BaseException, dropped: Sequence[str]) -> Non
     if not dropped or not isinstance(exception, RuntimeError) or "does not require grad" not in str(exception):
         return
     shown = ", ".join(dropped[:5]) + (f" and {len(dropped) - 5} more" if len(dropped) > 5 else "")
-    exception.add_note(
+    note = (
         f"LayerDropBackCallback had dropped (frozen) {shown} for this step. A loss whose only trainable inputs are"
         " dropped layers has no gradient (e.g. a GAN's generator step under toggle_optimizer when every generator"
         " layer is dropped). Keep one of those layers trained: `exclude` it, or raise keep_first/keep_last."
     )
+    if hasattr(exception, "add_note"):  # Python 3.11+
+        exception.add_note(note)
+    else:  # Python 3.10 (still supported): say it once beside the traceback
+        rank_zero_warn(note)
 
 
 def warn_if_compiled(pl_module: LightningModule, candidates: Sequence[Unit]) -> None:
