@@ -206,6 +206,8 @@ class LayerDropBack:
         self._recorder: Optional[RunOrderRecorder] = None
         self._driving = False  # inside ``epoch()``: the engine redraws and records by itself
         self._warned_nothing_to_drop = False
+        self._warned_no_run_order = False
+        self._warned_no_optimizer = False
         #: Whether DROP epochs load ``batch_scale`` times larger batches (said in warnings): set by the callback
         #: when its data source is a mixin, and by :meth:`batch_size` when a loop asks for a DROP epoch's size.
         self.batch_scaled = False
@@ -252,6 +254,7 @@ class LayerDropBack:
             ValueError: If ``epoch`` is not an int ``>= 0``.
         """
         check_int("epoch", epoch, minimum=0)
+        self._warn_if_no_optimizer()
         self.start_epoch(epoch)
         handle = self.model.register_forward_pre_hook(self._before_forward)
         self._driving = True
@@ -303,6 +306,9 @@ class LayerDropBack:
             return
         self.units.release()  # what is trainable now is what the user (and other callbacks) left trainable
         self.sync.before_draw()
+        if self.run_order is None and not self._warned_no_run_order:
+            self._warned_no_run_order = True
+            self._warn_no_run_order(epoch)
         candidates = self.units.candidates()
         if not candidates and not self._warned_nothing_to_drop:
             self._warned_nothing_to_drop = True
@@ -396,6 +402,32 @@ class LayerDropBack:
             f" trains with {applies}. keep_first/keep_last count the trainable layers, in the order the data flows"
             " through them. If this is not what you want, lower keep_first/keep_last or widen include/exclude;"
             " warned once."
+        )
+
+    def _warn_no_run_order(self, epoch: int) -> None:
+        # The order comes from a training step (epoch 0, never a DROP epoch, shows it). A loop that starts on a DROP
+        # epoch (epochs counted from 1 with every=1) or a resume without LDB's state draws before it has seen one.
+        s = self.settings
+        warn_on_rank_zero(
+            f"LayerDropBack: DROP epoch {epoch} draws before LDB has seen a training step, so for this draw"
+            f" keep_first={s.keep_first}/keep_last={s.keep_last} count the layers in the order they were registered,"
+            " not the order the data flows through them (a head registered before the body can be dropped). Start"
+            " with a full epoch (epochs count from 0; epoch 0 is never a DROP epoch), or load the state_dict of the"
+            " run you continue; warned once."
+        )
+
+    def _warn_if_no_optimizer(self) -> None:
+        # Without a hooked optimizer no step is seen: the LR is not scaled, resample="step" never draws again and the
+        # run order (what keep_first/keep_last count) is never confirmed. The plain loop would train on, unscaled.
+        if self.lr.attached or self._warned_no_optimizer:
+            return
+        self._warned_no_optimizer = True
+        warn_on_rank_zero(
+            "LayerDropBack.epoch(): no optimizer is hooked, so LDB never sees optimizer.step(): DROP epochs keep the"
+            f" unscaled learning rate (lr_scale={self.settings.lr_scale} is not applied), resample='step' never"
+            " draws again, and keep_first/keep_last count the layers in the order they were registered, not the"
+            " order the data flows through them. Pass the optimizer(s): LayerDropBack(model, optimizer, ...), or"
+            " call ldb.hook_optimizers([optimizer]); warned once."
         )
 
     def _release(self) -> None:

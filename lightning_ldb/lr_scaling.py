@@ -58,6 +58,11 @@ class StepLRScaler:
         # call may scale and unscale, or the lr is scaled twice and left scaled after the step.
         self._depth: dict[int, int] = {}
 
+    @property
+    def attached(self) -> bool:
+        """Whether any optimizer is hooked (without one, no ``step()`` is scaled or seen)."""
+        return bool(self._attached)
+
     def attach(self, optimizers: Iterable[Optimizer]) -> None:
         """Hook into ``optimizers`` (replacing any earlier attachment)."""
         self.detach()

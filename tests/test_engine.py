@@ -6,6 +6,7 @@ ones moving; the LR scaled only inside ``step()``; everything restored when the 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import pytest
@@ -242,3 +243,57 @@ def test_fabric_strategies_ldb_cannot_serve_are_refused_before_anything_changes(
     # One device and DDP are served.
     for strategy in ("auto", "ddp"):
         LayerDropBack(model, fabric=Fabric(accelerator="cpu", devices=1, strategy=strategy), seed=0).close()
+
+
+def _ldb_warnings(record: Any, text: str) -> list[str]:
+    return [str(w.message) for w in record if text in str(w.message)]
+
+
+def test_a_loop_whose_optimizer_ldb_never_sees_is_warned_once():
+    # Forgetting the optimizer trains on silently: no LR scaling, no per-step draws, layers in registration order.
+    model = new_model()
+    optimizer = sgd(model)
+    with pytest.warns(UserWarning) as record:
+        plain_loop(model, optimizer, LayerDropBack(model, (), **KWARGS), 3)
+    warned = _ldb_warnings(record, "no optimizer is hooked")
+    assert len(warned) == 1 and "lr_scale=2.0 is not applied" in warned[0]
+
+    model = new_model()
+    optimizer = sgd(model)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        plain_loop(model, optimizer, LayerDropBack(model, optimizer, **KWARGS), 3)
+    assert not _ldb_warnings(record, "no optimizer is hooked")
+
+
+class HeadFirst(nn.Module):
+    """The head is registered before the body, so only the observed run order says it is the last layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(8, 1)
+        self.body = nn.Sequential(*[nn.Linear(8, 8) for _ in range(6)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def test_a_drop_epoch_drawn_before_any_training_step_is_warned_once():
+    # A loop counting epochs from 1 with every=1 starts on a DROP epoch: that draw cannot know the data-flow order.
+    torch.manual_seed(0)
+    model = HeadFirst()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ldb = LayerDropBack(model, optimizer, drop_rate=0.5, every=1, keep_first=1, keep_last=1, seed=0)
+    with pytest.warns(UserWarning) as record:
+        plain_loop(model, optimizer, ldb, 4, start=1)
+    warned = _ldb_warnings(record, "draws before LDB has seen a training step")
+    assert len(warned) == 1 and "DROP epoch 1" in warned[0] and "keep_first=1/keep_last=1" in warned[0]
+    assert ldb.candidate_layers[0] == "body.1"  # the order is known from the first step on
+
+    torch.manual_seed(0)
+    model = HeadFirst()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        plain_loop(model, optimizer, LayerDropBack(model, optimizer, drop_rate=0.5, every=1, keep_first=1, seed=0), 3)
+    assert not _ldb_warnings(record, "draws before LDB has seen a training step")
