@@ -24,6 +24,7 @@ from typing import Any, Optional, Union
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from lightning_ldb import _compat
 from lightning_ldb._checks import check_choice, check_float, check_int, check_patterns
@@ -257,6 +258,7 @@ class LayerDropBack:
         self._warn_if_no_optimizer()
         self.start_epoch(epoch)
         handle = self.model.register_forward_pre_hook(self._before_forward)
+        unseen = register_optimizer_step_pre_hook(self._warn_if_step_unseen)
         self._driving = True
         try:
             if self.run_order is None:
@@ -267,6 +269,7 @@ class LayerDropBack:
         finally:
             self._driving = self._stepped = False
             handle.remove()
+            unseen.remove()
             self._stop_recorder()  # an order not confirmed by a step is not kept (and no collective on failure)
             self.end_epoch()
 
@@ -419,7 +422,7 @@ class LayerDropBack:
     def _warn_if_no_optimizer(self) -> None:
         # Without a hooked optimizer no step is seen: the LR is not scaled, resample="step" never draws again and the
         # run order (what keep_first/keep_last count) is never confirmed. The plain loop would train on, unscaled.
-        if self.lr.attached or self._warned_no_optimizer:
+        if self.lr.is_attached() or self._warned_no_optimizer:
             return
         self._warned_no_optimizer = True
         warn_on_rank_zero(
@@ -428,6 +431,23 @@ class LayerDropBack:
             " draws again, and keep_first/keep_last count the layers in the order they were registered, not the"
             " order the data flows through them. Pass the optimizer(s): LayerDropBack(model, optimizer, ...), or"
             " call ldb.hook_optimizers([optimizer]); warned once."
+        )
+
+    def _warn_if_step_unseen(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        # An optimizer made after the engine (recreated each epoch, say) steps the model unscaled and unseen. Only one
+        # that holds the model's parameters: another model's optimizer (a GAN's discriminator) is none of LDB's business.
+        if self._warned_no_optimizer or self.lr.is_attached(optimizer):
+            return
+        own = {id(p) for p in self.module.parameters()}
+        if not any(id(p) in own for group in optimizer.param_groups for p in group["params"]):
+            return
+        self._warned_no_optimizer = True
+        warn_on_rank_zero(
+            f"LayerDropBack.epoch(): a {type(optimizer).__name__} that LDB was not given steps the model (one made"
+            " after LayerDropBack, e.g. recreated each epoch): its DROP-epoch steps keep the unscaled learning rate"
+            f" (lr_scale={self.settings.lr_scale} is not applied), and LDB does not see them (resample='step' draws,"
+            " the order keep_first/keep_last count). Call ldb.hook_optimizers([optimizer]) after making it; warned"
+            " once."
         )
 
     def _release(self) -> None:

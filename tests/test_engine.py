@@ -297,3 +297,25 @@ def test_a_drop_epoch_drawn_before_any_training_step_is_warned_once():
         warnings.simplefilter("always")
         plain_loop(model, optimizer, LayerDropBack(model, optimizer, drop_rate=0.5, every=1, keep_first=1, seed=0), 3)
     assert not _ldb_warnings(record, "draws before LDB has seen a training step")
+
+
+def test_an_optimizer_made_after_the_engine_is_warned_once_and_another_models_is_not():
+    # Recreated each epoch, the optimizer LDB was given is never the one that steps: the LR would stay unscaled.
+    model = new_model()
+    ldb = LayerDropBack(model, sgd(model), **KWARGS)
+    other = nn.Linear(2, 2)  # e.g. a GAN's discriminator: its optimizer is none of LDB's business
+    other_optimizer = torch.optim.SGD(other.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for epoch in range(3):
+            with ldb.epoch(epoch):
+                other(torch.randn(2, 2)).sum().backward()
+                other_optimizer.step()
+        assert not _ldb_warnings(record, "that LDB was not given")
+        for epoch in range(3):
+            optimizer = sgd(model)
+            with ldb.epoch(epoch):
+                model(torch.randn(4, 8)).sum().backward()
+                optimizer.step()
+    warned = _ldb_warnings(record, "a SGD that LDB was not given steps the model")
+    assert len(warned) == 1 and "ldb.hook_optimizers([optimizer])" in warned[0]
