@@ -493,8 +493,10 @@ def _unwrap_model(model: nn.Module) -> nn.Module:
 
 def _unwrap_optimizer(optimizer: Any) -> Optimizer:
     # Fabric's (and Lightning's) optimizer wrappers hold the torch optimizer in ``optimizer``; its step runs the hooks.
+    # They pass ``isinstance(wrapper, Optimizer)`` (their class imitates the optimizer's), so unwrap by the attribute:
+    # the optimizer whose ``step`` runs is the one a step hook receives and must be recognised as hooked.
     inner = optimizer
-    while not isinstance(inner, Optimizer) and hasattr(inner, "optimizer"):
+    while isinstance(getattr(inner, "optimizer", None), Optimizer):
         inner = inner.optimizer
     if not isinstance(inner, Optimizer):
         raise TypeError(

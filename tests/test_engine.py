@@ -319,3 +319,27 @@ def test_an_optimizer_made_after_the_engine_is_warned_once_and_another_models_is
                 optimizer.step()
     warned = _ldb_warnings(record, "a SGD that LDB was not given steps the model")
     assert len(warned) == 1 and "ldb.hook_optimizers([optimizer])" in warned[0]
+
+
+def test_fabrics_optimizer_wrapper_is_recognised_as_the_optimizer_ldb_was_given():
+    # Fabric's wrapper imitates its optimizer's class; the optimizer that steps is the one inside, and LDB must know
+    # it as its own: scaled on DROP epochs, and no "not given" warning.
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator="cpu", devices=1)
+    model = new_model()
+    model, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    ldb = LayerDropBack(model, optimizer, **KWARGS, fabric=fabric)
+    seen: dict[int, set[float]] = {}
+    epoch = 0
+    optimizer.optimizer.register_step_pre_hook(lambda opt, *_: seen.setdefault(epoch, set()).add(opt.param_groups[0]["lr"]))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for epoch in range(3):
+            with ldb.epoch(epoch):
+                for _ in range(2):
+                    fabric.backward(model(torch.randn(4, 8)).sum())
+                    optimizer.step()
+                    optimizer.zero_grad()
+    assert not _ldb_warnings(record, "LayerDropBack")
+    assert seen == {0: {0.1}, 1: {0.1}, 2: {0.2}}  # lr_scale=2.0 on DROP epoch 2
