@@ -266,6 +266,10 @@ class LayerDropBack:
             if self.mode == DROP:
                 self.draw(epoch, self.steps if self.settings.resample == "step" else None)
             yield self
+            if self._stepped:
+                # The epoch's last step had no forward after it. With one step per epoch (full-batch training) that
+                # is the only step: without this the order is never kept, and keep_first/keep_last count registration.
+                self.finish_run_order()
         finally:
             self._driving = self._stepped = False
             handle.remove()

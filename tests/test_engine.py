@@ -343,3 +343,24 @@ def test_fabrics_optimizer_wrapper_is_recognised_as_the_optimizer_ldb_was_given(
                     optimizer.zero_grad()
     assert not _ldb_warnings(record, "LayerDropBack")
     assert seen == {0: {0.1}, 1: {0.1}, 2: {0.2}}  # lr_scale=2.0 on DROP epoch 2
+
+
+def test_full_batch_training_learns_the_run_order_from_its_one_step_per_epoch():
+    # One optimizer step per epoch has no forward after it inside the epoch; the order must still be kept, or
+    # keep_first/keep_last count registration order and HeadFirst's true first layer becomes a candidate.
+    torch.manual_seed(0)
+    model = HeadFirst()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ldb = LayerDropBack(model, optimizer, drop_rate=0.5, every=2, keep_first=1, keep_last=1, seed=0)
+    x = torch.randn(16, 8)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for epoch in range(3):
+            with ldb.epoch(epoch):
+                model(x).sum().backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                if ldb.mode == "drop":
+                    candidates = ldb.candidate_layers
+    assert ldb.run_order is not None and not _ldb_warnings(record, "draws before LDB has seen a training step")
+    assert candidates == tuple(f"body.{i}" for i in range(1, 6))  # body.0 kept first, head kept last
