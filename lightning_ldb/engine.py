@@ -257,7 +257,11 @@ class LayerDropBack:
         check_int("epoch", epoch, minimum=0)
         self._warn_if_no_optimizer()
         self.start_epoch(epoch)
-        handle = self.model.register_forward_pre_hook(self._before_forward)
+        handles = [self.model.register_forward_pre_hook(self._before_forward)]
+        # A loop may run parts of the model (``model.encoder(x)``, the members of a ModuleDict) and never the model
+        # itself: then the first module to run after a step starts the next forward. The model's own hook runs
+        # first when it is called (before a DDP wrapper's forward), and the others find nothing left to do.
+        handles += [module.register_forward_pre_hook(self._before_forward) for module in self.module.modules()]
         unseen = register_optimizer_step_pre_hook(self._warn_if_step_unseen)
         self._driving = True
         try:
@@ -272,7 +276,8 @@ class LayerDropBack:
                 self.finish_run_order()
         finally:
             self._driving = self._stepped = False
-            handle.remove()
+            for handle in handles:
+                handle.remove()
             unseen.remove()
             self._stop_recorder()  # an order not confirmed by a step is not kept (and no collective on failure)
             self.end_epoch()

@@ -364,3 +364,49 @@ def test_full_batch_training_learns_the_run_order_from_its_one_step_per_epoch():
                     candidates = ldb.candidate_layers
     assert ldb.run_order is not None and not _ldb_warnings(record, "draws before LDB has seen a training step")
     assert candidates == tuple(f"body.{i}" for i in range(1, 6))  # body.0 kept first, head kept last
+
+
+class EncoderHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(*[nn.Linear(8, 8) for _ in range(6)])
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(x))
+
+
+@pytest.mark.parametrize("call_parts", [False, True])
+def test_step_draws_come_when_the_loop_calls_the_models_parts_and_never_the_model(call_parts):
+    # `model.head(model.enc(x))` never runs the model's own forward: the per-step draws must come all the same
+    # (they were silently one draw per epoch), and equal those of a loop that calls `model(x)`.
+    torch.manual_seed(0)
+    model = EncoderHead()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ldb = LayerDropBack(model, optimizer, drop_rate=0.5, every=2, keep_first=1, seed=0, resample="step")
+    x = torch.randn(32, 8)
+    draws = []
+    for epoch in range(3):
+        with ldb.epoch(epoch):
+            for batch in x.split(8):
+                out = model.head(model.enc(batch)) if call_parts else model(batch)
+                draws.append(ldb.dropped_layers)
+                out.sum().backward()
+                optimizer.step()
+                optimizer.zero_grad()
+    assert len(set(draws[8:])) > 1  # DROP epoch 2: a draw per step (two of its four happen to coincide)
+    if call_parts:
+        torch.manual_seed(0)
+        model = EncoderHead()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        reference = LayerDropBack(model, optimizer, drop_rate=0.5, every=2, keep_first=1, seed=0, resample="step")
+        expected = []
+        for epoch in range(3):
+            with reference.epoch(epoch):
+                for batch in x.split(8):
+                    out = model(batch)
+                    expected.append(reference.dropped_layers)
+                    out.sum().backward()
+                    optimizer.step()
+                    optimizer.zero_grad()
+        assert draws == expected
