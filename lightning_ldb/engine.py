@@ -24,6 +24,7 @@ from typing import Any, Optional, Union
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from lightning_ldb import _compat
 from lightning_ldb._checks import check_choice, check_float, check_int, check_patterns
@@ -206,6 +207,8 @@ class LayerDropBack:
         self._recorder: Optional[RunOrderRecorder] = None
         self._driving = False  # inside ``epoch()``: the engine redraws and records by itself
         self._warned_nothing_to_drop = False
+        self._warned_no_run_order = False
+        self._warned_no_optimizer = False
         #: Whether DROP epochs load ``batch_scale`` times larger batches (said in warnings): set by the callback
         #: when its data source is a mixin, and by :meth:`batch_size` when a loop asks for a DROP epoch's size.
         self.batch_scaled = False
@@ -252,8 +255,14 @@ class LayerDropBack:
             ValueError: If ``epoch`` is not an int ``>= 0``.
         """
         check_int("epoch", epoch, minimum=0)
+        self._warn_if_no_optimizer()
         self.start_epoch(epoch)
-        handle = self.model.register_forward_pre_hook(self._before_forward)
+        handles = [self.model.register_forward_pre_hook(self._before_forward)]
+        # A loop may run parts of the model (``model.encoder(x)``, the members of a ModuleDict) and never the model
+        # itself: then the first module to run after a step starts the next forward. The model's own hook runs
+        # first when it is called (before a DDP wrapper's forward), and the others find nothing left to do.
+        handles += [module.register_forward_pre_hook(self._before_forward) for module in self.module.modules()]
+        unseen = register_optimizer_step_pre_hook(self._warn_if_step_unseen)
         self._driving = True
         try:
             if self.run_order is None:
@@ -261,9 +270,15 @@ class LayerDropBack:
             if self.mode == DROP:
                 self.draw(epoch, self.steps if self.settings.resample == "step" else None)
             yield self
+            if self._stepped:
+                # The epoch's last step had no forward after it. With one step per epoch (full-batch training) that
+                # is the only step: without this the order is never kept, and keep_first/keep_last count registration.
+                self.finish_run_order()
         finally:
             self._driving = self._stepped = False
-            handle.remove()
+            for handle in handles:
+                handle.remove()
+            unseen.remove()
             self._stop_recorder()  # an order not confirmed by a step is not kept (and no collective on failure)
             self.end_epoch()
 
@@ -303,6 +318,9 @@ class LayerDropBack:
             return
         self.units.release()  # what is trainable now is what the user (and other callbacks) left trainable
         self.sync.before_draw()
+        if self.run_order is None and not self._warned_no_run_order:
+            self._warned_no_run_order = True
+            self._warn_no_run_order(epoch)
         candidates = self.units.candidates()
         if not candidates and not self._warned_nothing_to_drop:
             self._warned_nothing_to_drop = True
@@ -398,6 +416,49 @@ class LayerDropBack:
             " warned once."
         )
 
+    def _warn_no_run_order(self, epoch: int) -> None:
+        # The order comes from a training step (epoch 0, never a DROP epoch, shows it). A loop that starts on a DROP
+        # epoch (epochs counted from 1 with every=1) or a resume without LDB's state draws before it has seen one.
+        s = self.settings
+        warn_on_rank_zero(
+            f"LayerDropBack: DROP epoch {epoch} draws before LDB has seen a training step, so for this draw"
+            f" keep_first={s.keep_first}/keep_last={s.keep_last} count the layers in the order they were registered,"
+            " not the order the data flows through them (a head registered before the body can be dropped). Start"
+            " with a full epoch (epochs count from 0; epoch 0 is never a DROP epoch), or load the state_dict of the"
+            " run you continue; warned once."
+        )
+
+    def _warn_if_no_optimizer(self) -> None:
+        # Without a hooked optimizer no step is seen: the LR is not scaled, resample="step" never draws again and the
+        # run order (what keep_first/keep_last count) is never confirmed. The plain loop would train on, unscaled.
+        if self.lr.is_attached() or self._warned_no_optimizer:
+            return
+        self._warned_no_optimizer = True
+        warn_on_rank_zero(
+            "LayerDropBack.epoch(): no optimizer is hooked, so LDB never sees optimizer.step(): DROP epochs keep the"
+            f" unscaled learning rate (lr_scale={self.settings.lr_scale} is not applied), resample='step' never"
+            " draws again, and keep_first/keep_last count the layers in the order they were registered, not the"
+            " order the data flows through them. Pass the optimizer(s): LayerDropBack(model, optimizer, ...), or"
+            " call ldb.hook_optimizers([optimizer]); warned once."
+        )
+
+    def _warn_if_step_unseen(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        # An optimizer made after the engine (recreated each epoch, say) steps the model unscaled and unseen. Only one
+        # that holds the model's parameters: another model's optimizer (a GAN's discriminator) is none of LDB's business.
+        if self._warned_no_optimizer or self.lr.is_attached(optimizer):
+            return
+        own = {id(p) for p in self.module.parameters()}
+        if not any(id(p) in own for group in optimizer.param_groups for p in group["params"]):
+            return
+        self._warned_no_optimizer = True
+        warn_on_rank_zero(
+            f"LayerDropBack.epoch(): a {type(optimizer).__name__} that LDB was not given steps the model (one made"
+            " after LayerDropBack, e.g. recreated each epoch): its DROP-epoch steps keep the unscaled learning rate"
+            f" (lr_scale={self.settings.lr_scale} is not applied), and LDB does not see them (resample='step' draws,"
+            " the order keep_first/keep_last count). Call ldb.hook_optimizers([optimizer]) after making it; warned"
+            " once."
+        )
+
     def _release(self) -> None:
         if self._draw_key is None and not self.freezer.frozen:
             return
@@ -441,8 +502,10 @@ def _unwrap_model(model: nn.Module) -> nn.Module:
 
 def _unwrap_optimizer(optimizer: Any) -> Optimizer:
     # Fabric's (and Lightning's) optimizer wrappers hold the torch optimizer in ``optimizer``; its step runs the hooks.
+    # They pass ``isinstance(wrapper, Optimizer)`` (their class imitates the optimizer's), so unwrap by the attribute:
+    # the optimizer whose ``step`` runs is the one a step hook receives and must be recognised as hooked.
     inner = optimizer
-    while not isinstance(inner, Optimizer) and hasattr(inner, "optimizer"):
+    while isinstance(getattr(inner, "optimizer", None), Optimizer):
         inner = inner.optimizer
     if not isinstance(inner, Optimizer):
         raise TypeError(

@@ -58,6 +58,12 @@ class StepLRScaler:
         # call may scale and unscale, or the lr is scaled twice and left scaled after the step.
         self._depth: dict[int, int] = {}
 
+    def is_attached(self, optimizer: Optional[Optimizer] = None) -> bool:
+        """Whether ``optimizer`` is hooked; without one, whether any is (without one, no ``step()`` is scaled or seen)."""
+        if optimizer is None:
+            return bool(self._attached)
+        return self._attached.get(id(optimizer)) is optimizer
+
     def attach(self, optimizers: Iterable[Optimizer]) -> None:
         """Hook into ``optimizers`` (replacing any earlier attachment)."""
         self.detach()

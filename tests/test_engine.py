@@ -6,6 +6,7 @@ ones moving; the LR scaled only inside ``step()``; everything restored when the 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import pytest
@@ -242,3 +243,170 @@ def test_fabric_strategies_ldb_cannot_serve_are_refused_before_anything_changes(
     # One device and DDP are served.
     for strategy in ("auto", "ddp"):
         LayerDropBack(model, fabric=Fabric(accelerator="cpu", devices=1, strategy=strategy), seed=0).close()
+
+
+def _ldb_warnings(record: Any, text: str) -> list[str]:
+    return [str(w.message) for w in record if text in str(w.message)]
+
+
+def test_a_loop_whose_optimizer_ldb_never_sees_is_warned_once():
+    # Forgetting the optimizer trains on silently: no LR scaling, no per-step draws, layers in registration order.
+    model = new_model()
+    optimizer = sgd(model)
+    with pytest.warns(UserWarning) as record:
+        plain_loop(model, optimizer, LayerDropBack(model, (), **KWARGS), 3)
+    warned = _ldb_warnings(record, "no optimizer is hooked")
+    assert len(warned) == 1 and "lr_scale=2.0 is not applied" in warned[0]
+
+    model = new_model()
+    optimizer = sgd(model)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        plain_loop(model, optimizer, LayerDropBack(model, optimizer, **KWARGS), 3)
+    assert not _ldb_warnings(record, "no optimizer is hooked")
+
+
+class HeadFirst(nn.Module):
+    """The head is registered before the body, so only the observed run order says it is the last layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(8, 1)
+        self.body = nn.Sequential(*[nn.Linear(8, 8) for _ in range(6)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def test_a_drop_epoch_drawn_before_any_training_step_is_warned_once():
+    # A loop counting epochs from 1 with every=1 starts on a DROP epoch: that draw cannot know the data-flow order.
+    torch.manual_seed(0)
+    model = HeadFirst()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ldb = LayerDropBack(model, optimizer, drop_rate=0.5, every=1, keep_first=1, keep_last=1, seed=0)
+    with pytest.warns(UserWarning) as record:
+        plain_loop(model, optimizer, ldb, 4, start=1)
+    warned = _ldb_warnings(record, "draws before LDB has seen a training step")
+    assert len(warned) == 1 and "DROP epoch 1" in warned[0] and "keep_first=1/keep_last=1" in warned[0]
+    assert ldb.candidate_layers[0] == "body.1"  # the order is known from the first step on
+
+    torch.manual_seed(0)
+    model = HeadFirst()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        plain_loop(model, optimizer, LayerDropBack(model, optimizer, drop_rate=0.5, every=1, keep_first=1, seed=0), 3)
+    assert not _ldb_warnings(record, "draws before LDB has seen a training step")
+
+
+def test_an_optimizer_made_after_the_engine_is_warned_once_and_another_models_is_not():
+    # Recreated each epoch, the optimizer LDB was given is never the one that steps: the LR would stay unscaled.
+    model = new_model()
+    ldb = LayerDropBack(model, sgd(model), **KWARGS)
+    other = nn.Linear(2, 2)  # e.g. a GAN's discriminator: its optimizer is none of LDB's business
+    other_optimizer = torch.optim.SGD(other.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for epoch in range(3):
+            with ldb.epoch(epoch):
+                other(torch.randn(2, 2)).sum().backward()
+                other_optimizer.step()
+        assert not _ldb_warnings(record, "that LDB was not given")
+        for epoch in range(3):
+            optimizer = sgd(model)
+            with ldb.epoch(epoch):
+                model(torch.randn(4, 8)).sum().backward()
+                optimizer.step()
+    warned = _ldb_warnings(record, "a SGD that LDB was not given steps the model")
+    assert len(warned) == 1 and "ldb.hook_optimizers([optimizer])" in warned[0]
+
+
+def test_fabrics_optimizer_wrapper_is_recognised_as_the_optimizer_ldb_was_given():
+    # Fabric's wrapper imitates its optimizer's class; the optimizer that steps is the one inside, and LDB must know
+    # it as its own: scaled on DROP epochs, and no "not given" warning.
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator="cpu", devices=1)
+    model = new_model()
+    model, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    ldb = LayerDropBack(model, optimizer, **KWARGS, fabric=fabric)
+    seen: dict[int, set[float]] = {}
+    epoch = 0
+    optimizer.optimizer.register_step_pre_hook(lambda opt, *_: seen.setdefault(epoch, set()).add(opt.param_groups[0]["lr"]))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for epoch in range(3):
+            with ldb.epoch(epoch):
+                for _ in range(2):
+                    fabric.backward(model(torch.randn(4, 8)).sum())
+                    optimizer.step()
+                    optimizer.zero_grad()
+    assert not _ldb_warnings(record, "LayerDropBack")
+    assert seen == {0: {0.1}, 1: {0.1}, 2: {0.2}}  # lr_scale=2.0 on DROP epoch 2
+
+
+def test_full_batch_training_learns_the_run_order_from_its_one_step_per_epoch():
+    # One optimizer step per epoch has no forward after it inside the epoch; the order must still be kept, or
+    # keep_first/keep_last count registration order and HeadFirst's true first layer becomes a candidate.
+    torch.manual_seed(0)
+    model = HeadFirst()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ldb = LayerDropBack(model, optimizer, drop_rate=0.5, every=2, keep_first=1, keep_last=1, seed=0)
+    x = torch.randn(16, 8)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for epoch in range(3):
+            with ldb.epoch(epoch):
+                model(x).sum().backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                if ldb.mode == "drop":
+                    candidates = ldb.candidate_layers
+    assert ldb.run_order is not None and not _ldb_warnings(record, "draws before LDB has seen a training step")
+    assert candidates == tuple(f"body.{i}" for i in range(1, 6))  # body.0 kept first, head kept last
+
+
+class EncoderHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(*[nn.Linear(8, 8) for _ in range(6)])
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(x))
+
+
+@pytest.mark.parametrize("call_parts", [False, True])
+def test_step_draws_come_when_the_loop_calls_the_models_parts_and_never_the_model(call_parts):
+    # `model.head(model.enc(x))` never runs the model's own forward: the per-step draws must come all the same
+    # (they were silently one draw per epoch), and equal those of a loop that calls `model(x)`.
+    torch.manual_seed(0)
+    model = EncoderHead()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ldb = LayerDropBack(model, optimizer, drop_rate=0.5, every=2, keep_first=1, seed=0, resample="step")
+    x = torch.randn(32, 8)
+    draws = []
+    for epoch in range(3):
+        with ldb.epoch(epoch):
+            for batch in x.split(8):
+                out = model.head(model.enc(batch)) if call_parts else model(batch)
+                draws.append(ldb.dropped_layers)
+                out.sum().backward()
+                optimizer.step()
+                optimizer.zero_grad()
+    assert len(set(draws[8:])) > 1  # DROP epoch 2: a draw per step (two of its four happen to coincide)
+    if call_parts:
+        torch.manual_seed(0)
+        model = EncoderHead()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        reference = LayerDropBack(model, optimizer, drop_rate=0.5, every=2, keep_first=1, seed=0, resample="step")
+        expected = []
+        for epoch in range(3):
+            with reference.epoch(epoch):
+                for batch in x.split(8):
+                    out = model(batch)
+                    expected.append(reference.dropped_layers)
+                    out.sum().backward()
+                    optimizer.step()
+                    optimizer.zero_grad()
+        assert draws == expected
