@@ -16,6 +16,7 @@ releases every unit. :meth:`LayerDropBack.epoch` does all of it for a plain loop
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -209,6 +210,8 @@ class LayerDropBack:
         self._warned_nothing_to_drop = False
         self._warned_no_run_order = False
         self._warned_no_optimizer = False
+        #: Optimizers found to hold none of the model's parameters (weakly held: no id reuse, nothing kept alive).
+        self._foreign_optimizers: weakref.WeakSet[Optimizer] = weakref.WeakSet()
         #: Whether DROP epochs load ``batch_scale`` times larger batches (said in warnings): set by the callback
         #: when its data source is a mixin, and by :meth:`batch_size` when a loop asks for a DROP epoch's size.
         self.batch_scaled = False
@@ -445,8 +448,9 @@ class LayerDropBack:
     def _warn_if_step_unseen(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         # An optimizer made after the engine (recreated each epoch, say) steps the model unscaled and unseen. Only one
         # that holds the model's parameters: another model's optimizer (a GAN's discriminator) is none of LDB's business.
-        if self._warned_no_optimizer or self.lr.is_attached(optimizer):
+        if self._warned_no_optimizer or self.lr.is_attached(optimizer) or optimizer in self._foreign_optimizers:
             return
+        self._foreign_optimizers.add(optimizer)  # checked once, not at every step (a GAN's other optimizer)
         own = {id(p) for p in self.module.parameters()}
         if not any(id(p) in own for group in optimizer.param_groups for p in group["params"]):
             return
