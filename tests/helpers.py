@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -12,6 +13,18 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ldb import LDBDataModuleMixin, estimated_stepping_batches
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+# Every process that imports the tests' helpers (pytest, and each ``ddp_spawn`` worker, which imports its test module)
+# destroys a process group it still holds when it exits. Left to the interpreter's last clean-up, gloo's destructor can
+# abort a worker after its fit is done ("terminate called without an active exception"), failing a test that passed;
+# Lightning uses the group until the worker ends, so the test cannot destroy it earlier.
+atexit.register(_destroy_process_group)
 
 
 def make_dataset(n: int = 64, features: int = 8, seed: int = 0) -> TensorDataset:
