@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # ``helpers`` lives in tests/
 
-from helpers import TinyMLP, make_trainer  # noqa: E402
+from helpers import TinyMLP, end_launched_script, make_trainer  # noqa: E402
 
 from lightning_ldb import LayerDropBackCallback  # noqa: E402
 
@@ -179,3 +179,4 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 if __name__ == "__main__":
     main()
+    end_launched_script()

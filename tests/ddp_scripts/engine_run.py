@@ -27,7 +27,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # ``helpers`` lives in tests/
 
-from helpers import TinyMLP, make_dataset  # noqa: E402
+from helpers import TinyMLP, end_launched_script, make_dataset  # noqa: E402
 
 from lightning_ldb import LayerDropBack  # noqa: E402
 
@@ -161,3 +161,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_launched_script()

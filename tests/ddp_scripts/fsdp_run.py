@@ -42,7 +42,7 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # ``helpers`` lives in tests/
 
-from helpers import TinyDataModule, TinyMLP, make_trainer  # noqa: E402
+from helpers import TinyDataModule, TinyMLP, end_launched_script, make_trainer  # noqa: E402
 
 from lightning_ldb import LayerDropBackCallback  # noqa: E402
 from lightning_ldb.layers import discover_layers  # noqa: E402
@@ -227,3 +227,4 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 if __name__ == "__main__":
     main()
+    end_launched_script()
