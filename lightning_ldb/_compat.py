@@ -13,6 +13,7 @@ Lightning, can use the ones it needs.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from importlib import metadata
 from typing import Any, Optional
@@ -152,9 +153,19 @@ def is_compiled_lightning_module(pl_module: Any) -> bool:
 
 def compiled_module_type() -> Optional[type]:
     """The class of ``torch.compile``'d submodules (imported lazily: loading dynamo is slow)."""
+    if "torch._dynamo" not in sys.modules:  # torch.compile loads it: without it, nothing was compiled
+        return None
     try:
         from torch._dynamo import OptimizedModule
     except ImportError:
         _missing(torch, "_dynamo.OptimizedModule", "LDB cannot warn about compiled layers that recompile", False)
         return None
     return OptimizedModule
+
+
+def uncompiled(module: Any) -> Any:
+    """The module ``torch.compile(module)`` was given (private ``_orig_mod``), or ``module`` if it is not compiled."""
+    compiled = compiled_module_type()
+    if compiled is None or not isinstance(module, compiled):
+        return module
+    return _get(module, "_orig_mod", "LayerDropBack cannot see the modules inside a torch.compile'd model")

@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 
 from lightning_ldb import _compat
 from lightning_ldb.branches import Branch, describe_branches, unrecognised_note
+from lightning_ldb.compiling import compiled_holders, describe_compiled, recompile_warning
 from lightning_ldb.schedule import is_drop_epoch
 from lightning_ldb.units import Unit
 
@@ -139,31 +140,14 @@ def note_dropped_layers(exception: BaseException, dropped: Sequence[str]) -> Non
 
 def warn_if_compiled(pl_module: LightningModule, candidates: Sequence[Unit]) -> None:
     """Warn when a compiled module holds droppable layers: each new dropped set recompiles."""
-    # A compiled graph is specialised on which of its inputs require a gradient: every new dropped set
-    # recompiles (checked: training stays correct, before and after the recompile limit).
     if _compat.is_compiled_lightning_module(pl_module):  # trainer.fit(torch.compile(model))
         what = f"the LightningModule {type(pl_module).__name__}"
     else:
-        compiled = _compat.compiled_module_type()
-        if compiled is None:
+        holders = compiled_holders(pl_module, candidates)
+        if not holders:
             return
-        prefixes = [name for name, module in pl_module.named_modules() if isinstance(module, compiled)]
-        hit = [
-            name
-            for name in prefixes
-            if any(layer.name == name or layer.name.startswith(f"{name}.") for layer in candidates)
-        ]
-        if not hit:
-            return
-        what = f"submodule {hit[0]!r}" + (f" (and {len(hit) - 1} more)" if len(hit) > 1 else "")
-    rank_zero_warn(
-        f"LayerDropBackCallback: {what} is compiled with torch.compile, and contains layers LDB drops. A"
-        " compiled graph is specialised on which parameters require a gradient, so each new set of dropped"
-        " layers compiles anew (once per DROP epoch with resample='epoch', for every step with"
-        " resample='step'); beyond torch._dynamo.config.recompile_limit such sets run uncompiled. Training stays"
-        " correct. To keep the speed, compile only layers LDB never drops (see `include`/`exclude`), or raise"
-        " the recompile limit."
-    )
+        what = describe_compiled(holders)
+    rank_zero_warn(recompile_warning("LayerDropBackCallback", what))
 
 
 def report_branches(pl_module: LightningModule, settings: Any, branches: Sequence[Branch]) -> None:

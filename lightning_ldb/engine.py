@@ -30,6 +30,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from lightning_ldb import _compat
 from lightning_ldb._checks import check_choice, check_float, check_int, check_patterns
 from lightning_ldb.branches import BranchesSpec
+from lightning_ldb.compiling import compiled_holders, describe_compiled, recompile_warning
 from lightning_ldb.distributed import Sync, sync_for, warn_on_rank_zero
 from lightning_ldb.freezing import ParameterFreezer, refuse_optimizers_that_move_dropped_parameters
 from lightning_ldb.layers import GRANULARITIES, RunOrderRecorder, unique_numel
@@ -189,7 +190,7 @@ class LayerDropBack:
             exclude, backward, branches,
         )  # fmt: skip
         self.model = model
-        self.module = _unwrap_model(model)
+        self.module, self._model_compiled = _unwrap_model(model)
         self.freezer = ParameterFreezer()
         self.units = units_for(s.backward, self.freezer, s.granularity, s.keep_first, s.keep_last, s.include, s.exclude, s.branches)
         self.lr = StepLRScaler(before_step=self._before_step, after_step=self._after_step)
@@ -210,6 +211,7 @@ class LayerDropBack:
         self._warned_nothing_to_drop = False
         self._warned_no_run_order = False
         self._warned_no_optimizer = False
+        self._warned_compiled = False
         #: Optimizers found to hold none of the model's parameters (weakly held: no id reuse, nothing kept alive).
         self._foreign_optimizers: weakref.WeakSet[Optimizer] = weakref.WeakSet()
         #: Whether DROP epochs load ``batch_scale`` times larger batches (said in warnings): set by the callback
@@ -259,6 +261,7 @@ class LayerDropBack:
         """
         check_int("epoch", epoch, minimum=0)
         self._warn_if_no_optimizer()
+        self._warn_if_compiled()
         self.start_epoch(epoch)
         handles = [self.model.register_forward_pre_hook(self._before_forward)]
         # A loop may run parts of the model (``model.encoder(x)``, the members of a ModuleDict) and never the model
@@ -445,6 +448,20 @@ class LayerDropBack:
             " call ldb.hook_optimizers([optimizer]); warned once."
         )
 
+    def _warn_if_compiled(self) -> None:
+        # The plain loop's warning (the callback says it at fit start): once, when compiled code holds candidates.
+        if self._warned_compiled or not self.candidates:
+            return
+        self._warned_compiled = True
+        if self._model_compiled:
+            what = f"the model {type(self.module).__name__}"
+        else:
+            holders = compiled_holders(self.module, self.candidates)
+            if not holders:
+                return
+            what = describe_compiled(holders)
+        warn_on_rank_zero(recompile_warning("LayerDropBack", what))
+
     def _warn_if_step_unseen(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         # An optimizer made after the engine (recreated each epoch, say) steps the model unscaled and unseen. Only one
         # that holds the model's parameters: another model's optimizer (a GAN's discriminator) is none of LDB's business.
@@ -495,13 +512,20 @@ class LayerDropBack:
             self.draw(self._epoch, self.steps)
 
 
-def _unwrap_model(model: nn.Module) -> nn.Module:
-    # The user's module, inside Fabric's wrapper and DistributedDataParallel (both hold it in public ``module``).
-    if _compat.is_fabric_module(model):
-        model = model.module
-    if isinstance(model, DistributedDataParallel):
-        model = model.module
-    return model
+def _unwrap_model(model: nn.Module) -> tuple[nn.Module, bool]:
+    # The user's module, inside Fabric's wrapper, DistributedDataParallel (both hold it in public ``module``) and
+    # torch.compile (whose wrapper would prefix every layer name with ``_orig_mod.``: `include` would match nothing);
+    # and whether a torch.compile wrapper was among them.
+    compiled = False
+    while True:
+        if _compat.is_fabric_module(model) or isinstance(model, DistributedDataParallel):
+            inner = model.module
+        else:
+            inner = _compat.uncompiled(model)
+            compiled = compiled or inner is not model
+        if inner is model:
+            return model, compiled
+        model = inner
 
 
 def _unwrap_optimizer(optimizer: Any) -> Optimizer:

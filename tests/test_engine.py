@@ -410,3 +410,50 @@ def test_step_draws_come_when_the_loop_calls_the_models_parts_and_never_the_mode
                     optimizer.step()
                     optimizer.zero_grad()
         assert draws == expected
+
+
+# ------------------------------------------------------------------ torch.compile
+needs_dynamo = pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile unsupported here")
+
+
+def compile_warnings(record: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in record if "torch.compile" in str(w.message)]
+
+
+@needs_dynamo
+def test_a_compiled_model_keeps_its_own_layer_names_trains_exactly_like_eager_and_is_warned_once():
+    eager = new_model()
+    eager_optimizer = sgd(eager)
+    eager_draws = plain_loop(eager, eager_optimizer, LayerDropBack(eager, eager_optimizer, **KWARGS), 3)
+
+    model = new_model()
+    optimizer = sgd(model)
+    compiled = torch.compile(model, backend="eager")  # dynamo's guards and recompiles, without a C++ compiler
+    # `include` names the user's layers: through the compiled wrapper they must not become "_orig_mod.net.3".
+    ldb = LayerDropBack(compiled, optimizer, **KWARGS, include=["net.*"])
+    assert ldb.candidate_layers == LayerDropBack(eager, (), **KWARGS).candidate_layers
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        draws = plain_loop(compiled, optimizer, ldb, 3)
+    [message] = compile_warnings(record)
+    assert message.startswith("LayerDropBack: the model TinyMLP is compiled") and "recompile_limit" in message
+    assert draws == eager_draws and any(dropped for _, dropped in draws.values())
+    for name, param in model.named_parameters():  # the recompiled DROP graph left the dropped layers alone
+        assert torch.equal(param, eager.get_parameter(name)), name
+
+
+@needs_dynamo
+@pytest.mark.parametrize("compiled, warns", [("net", True), ("net.15", False)])
+def test_a_compiled_submodule_is_warned_only_if_it_holds_candidates(compiled, warns):
+    model = new_model()
+    if compiled == "net":
+        model.net = torch.compile(model.net, backend="eager")
+    else:
+        model.net[15] = torch.compile(model.net[15], backend="eager")  # the head, kept by keep_last
+    optimizer = sgd(model)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        plain_loop(model, optimizer, LayerDropBack(model, optimizer, **KWARGS), 1)
+    assert [m.split(" is compiled")[0] for m in compile_warnings(record)] == (
+        ["LayerDropBack: submodule 'net'"] if warns else []
+    )
