@@ -412,6 +412,31 @@ def test_step_draws_come_when_the_loop_calls_the_models_parts_and_never_the_mode
         assert draws == expected
 
 
+
+def test_a_loop_that_calls_the_models_parts_learns_the_run_order_from_its_first_step_only():
+    # The order is taken at the first forward after the first step. A loop that never calls the model itself and
+    # evaluates an auxiliary head mid-epoch must not have that head recorded after the real one: keep_last=1 would
+    # keep `aux`, and `head` would become droppable.
+    torch.manual_seed(0)
+    model = EncoderHead()
+    model.aux = nn.Linear(8, 1)  # evaluated only, never trained
+    optimizer = torch.optim.SGD([p for n, p in model.named_parameters() if not n.startswith("aux.")], lr=0.1)
+    ldb = LayerDropBack(model, optimizer, drop_rate=0.5, every=2, keep_first=1, keep_last=1, seed=0)
+    x = torch.randn(32, 8)
+    for epoch in range(3):
+        with ldb.epoch(epoch):
+            for step, batch in enumerate(x.split(8)):
+                model.head(model.enc(batch)).sum().backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                if epoch == 0 and step == 0:
+                    with torch.no_grad():
+                        model.aux(model.enc(batch))
+            if ldb.mode == "drop":
+                candidates = ldb.candidate_layers
+    assert "head" not in candidates and candidates
+
+
 # ------------------------------------------------------------------ torch.compile
 needs_dynamo = pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile unsupported here")
 
