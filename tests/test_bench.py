@@ -7,6 +7,9 @@ No test asserts anything about timing: figures measured on a shared machine are 
 
 import ast
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +190,10 @@ def test_bad_arguments_end_in_a_short_error_naming_the_setting(tmp_path, capsys)
         (["--variants", "ldb,nope"], "expected distinct names among baseline"),
         (["--variants", "ldb-block"], "ldb-block does not apply: block mode finds no residual branch in UserNet"),
         (["--drop-rate", "1.5"], "LDB settings of variant baseline"),
+        # Workers started by multiprocessing keep their epoch times: refused before any run, named, with the fix.
+        (["--trainer.devices=2", "--trainer.strategy=ddp_spawn"], "'ddp_spawn' trains in worker processes started"),
+        (["--trainer.devices=2", "--trainer.strategy=lightning.pytorch.strategies.DDPStrategy",
+          "--trainer.strategy.start_method=fork"], "DDPStrategy trains in worker processes started by 'fork'"),
     ]
     for more, expected in cases:
         argv = ["--config", str(config), "--out", str(tmp_path / "out"), *more]
@@ -194,6 +201,42 @@ def test_bad_arguments_end_in_a_short_error_naming_the_setting(tmp_path, capsys)
         err = capsys.readouterr().err
         assert code == 2 and "Traceback" not in err, (more, err)
         assert expected in err or "drop_rate" in err, (more, err)
+        assert not (tmp_path / "out").exists()
+
+
+
+@pytest.mark.timeout(240)
+def test_under_ddp_every_rank_runs_the_benchmark_and_rank_zero_alone_reports(tmp_path):
+    # Lightning re-launches `ldb-bench` as rank 1; both ranks build and fit every run in step. Only rank 0 may
+    # print the report and write the files (two writers raced on report.json), and the report says what ran.
+    from helpers import RANK_VARIABLES, free_port
+
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), env.get("PYTHONPATH", "")]))  # fmt: skip
+    argv = _args(_config(tmp_path), tmp_path / "out", "--variants", "baseline,ldb", "--trainer.devices=2",
+                 "--trainer.strategy=ddp")  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "lightning_ldb.bench", *argv], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=200)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("# ldb-bench: my") == 1 and done.stdout.count("Wrote ") == 1, done.stdout
+    result = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [run["world_size"] for run in result["runs"]] == [2, 2]
+    runs = {run["variant"]: run["epochs"] for run in result["runs"]}
+    # 64 samples over 2 ranks: 4 steps of 8 per device, and the DROP epoch's 2 steps of 16.
+    assert [(e["steps"], e["batch_size"]) for e in runs["ldb"]] == [(4, 8), (4, 8), (2, 16)]
+    assert "2 processes (strategy ddp): rank 0's times, per-device batches" in (tmp_path / "out" / "report.md").read_text()
+
+
+
+def test_a_strategy_object_that_spawns_workers_fails_after_the_warm_up_naming_the_fix(tmp_path):
+    # A Strategy object is not checked before the runs (its start method is private): the short warm-up fit runs
+    # in spawned workers, whose epochs never reach this process; a report of nothing must not follow.
+    from lightning.pytorch.strategies import DDPStrategy
+
+    trainer_kwargs = {"accelerator": "cpu", "devices": 2, "strategy": DDPStrategy(start_method="spawn")}
+    with pytest.raises(RuntimeError, match="trained in worker processes .* strategy='ddp'"):
+        compare(UserNet, UserData, trainer_kwargs, variants=["baseline", "ldb"], epochs=3, log=lambda line: None)
 
 
 # ---------------------------------------------------------------------------------------------- --profile

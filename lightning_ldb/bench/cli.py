@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from jsonargparse import ActionYesNo
+from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_ldb.bench import report
-from lightning_ldb.bench.runner import VARIANTS, BenchOptions, Setup, prepare, run_benchmark
+from lightning_ldb.bench.runner import VARIANTS, BenchOptions, Setup, check_strategy, prepare, run_benchmark
 from lightning_ldb.cli import LDBCLI, LDBArgumentParser, verbose_requested
 
 #: ``--quick``: the short check's config (digits CNN on the real 8x8 digits, 4 epochs, 2 repetitions).
@@ -174,6 +175,13 @@ def _expand_quick(argv: list[str]) -> list[str]:
     return [*argv[:at], "--config", str(QUICK_CONFIG), *argv[at + 1 :]]
 
 
+def _say(line: str) -> None:
+    # Under a multi-process strategy Lightning re-launches `ldb-bench` once per rank and every rank runs the whole
+    # benchmark in step (each fit's collectives keep them together); rank 0 reports and writes the files.
+    if rank_zero_only.rank == 0:
+        print(line)
+
+
 def _error(message: str) -> int:
     import sys
 
@@ -196,6 +204,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with _quiet_lightning(verbose):
         first = BenchCLI(args, verbose=verbose)
         config = first.config
+        try:  # before anything is built: a strategy given as class_path is checked as configured
+            check_strategy(config["trainer"]["strategy"])
+        except ValueError as error:
+            return _error(str(error))
         # Every run re-parses the same arguments with the seed pinned: a fresh, identically seeded build.
         pinned = [*args, f"--seed_everything={config['seed_everything']}"]
         if config["seed_everything"] is False:
@@ -230,20 +242,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 result = profile.profile(build, options, steps=config["profile_steps"], about=about)
             except ValueError as error:  # bad settings, or LDB finds no candidate layer in the model
                 return _error(str(error))
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "profile.json").write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
-            print(profile.render(result) + f"\nWrote {out}/profile.json")
+            if rank_zero_only.rank == 0:
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "profile.json").write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+            _say(profile.render(result) + f"\nWrote {out}/profile.json")
         else:
             try:
                 options, notes = prepare(build, options, requested, overrides)
             except ValueError as error:
                 return _error(str(error))
             for note in notes:
-                print(f"Note: {note}")
-            result = run_benchmark(build, options, print, notes, about)
-            markdown = write_outputs(result, out)
-            print("\n" + markdown + f"Wrote {out}/report.json, report.md, report.png")
-    print(f"ldb-bench finished in {time.perf_counter() - started:.0f} s.")
+                _say(f"Note: {note}")
+            result = run_benchmark(build, options, _say, notes, about)
+            markdown = write_outputs(result, out) if rank_zero_only.rank == 0 else ""
+            _say("\n" + markdown + f"Wrote {out}/report.json, report.md, report.png")
+    _say(f"ldb-bench finished in {time.perf_counter() - started:.0f} s.")
     return 0
 
 

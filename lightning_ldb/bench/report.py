@@ -234,10 +234,17 @@ def render_markdown(result: dict[str, Any]) -> str:
     )
     ldb = config["ldb"]
     load = env.get("load_average_1min")
+    world_size = max((run.get("world_size", 1) for run in result["runs"]), default=1)
+    # Several processes: steps and batch sizes are per device, and the times are rank 0's.
+    processes = (
+        f" {world_size} processes (strategy {config.get('strategy', 'auto')}): rank 0's times, per-device batches."
+        if world_size > 1
+        else ""
+    )
     setup = (
         f"{trained}{data}, {config['epochs']} epochs{limits}, {config['repeats']} repetition(s), seed {config['seed']};"
         f" LDB drop_rate {ldb['drop_rate']}, every {ldb['every']}, lr_scale {ldb['lr_scale']}, batch_scale"
-        f" {ldb['batch_scale']}, keep_first {ldb['keep_first']}, keep_last {ldb['keep_last']}. {env['device']}"
+        f" {ldb['batch_scale']}, keep_first {ldb['keep_first']}, keep_last {ldb['keep_last']}.{processes} {env['device']}"
         f" ({env['cpu']}, {env['cpu_count']} cores" + (f", load average {load}" if load is not None else "")
         + f"), torch {env['torch']}, lightning {env['lightning']}, {env['date']}."
     )

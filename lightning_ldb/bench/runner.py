@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, LearningRateMonitor, ModelSummary, ProgressBar
+from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_ldb import LayerDropBack, LayerDropBackCallback, LDBDataModuleMixin
 from lightning_ldb.bench.data import derived_seed
@@ -379,9 +380,16 @@ def run_variant(
         callbacks.append(ProgressiveFreezing(options.freeze_start, options.freeze_level))
     trainer = Trainer(**bench_trainer_kwargs(setup.trainer_kwargs, options, callbacks))
     trainer.fit(setup.model, datamodule=setup.datamodule)
+    world_size = trainer.world_size
     del trainer, setup
     gc.collect()
-    return {"variant": variant, "epochs": clock.epochs}
+    if not clock.epochs:  # the fit ran, but its epochs were timed elsewhere
+        raise RuntimeError(
+            f"The {variant!r} run trained in worker processes (a spawn or fork strategy such as ddp_spawn), so its"
+            " epoch times never came back to this process. Benchmark with strategy='ddp': every rank then runs the"
+            " benchmark in step."
+        )
+    return {"variant": variant, "epochs": clock.epochs, "world_size": world_size}
 
 
 def run_benchmark(
@@ -406,7 +414,7 @@ def run_benchmark(
     # for first-use costs (allocator, kernels, caches), and the alternating order puts the same variant first.
     log(f"[warm-up] {options.name}: {options.variants[0]}, a few steps, not recorded")
     warm = dataclasses.replace(options, epochs=1, limit_train_batches=3, limit_val_batches=1)
-    run_variant(build, warm, options.variants[0], log=lambda line: None)
+    run_variant(build, warm, options.variants[0], log=_silent)
     for repeat in range(options.repeats):
         ordered = options.variants if repeat % 2 == 0 else options.variants[::-1]
         for variant in ordered:
@@ -421,6 +429,10 @@ def run_benchmark(
         "notes": list(notes),
         "runs": runs,
     }
+
+
+def _silent(line: str) -> None:  # a module-level function: a spawned worker can unpickle it
+    pass
 
 
 def _jsonable(value: Any) -> Any:
@@ -465,6 +477,32 @@ def environment(on_gpu: bool = False) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- Python entry point
+def check_strategy(strategy: Any) -> None:
+    """Refuse a strategy that trains in multiprocessing workers (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``).
+
+    The benchmark times each run in this process; such workers keep their epoch times. ``strategy`` is a registered
+    name, a parsed ``class_path``/``init_args`` config, or anything else (not checked here: a strategy object is
+    caught after the warm-up run, see :func:`run_variant`).
+
+    Raises:
+        ValueError: Naming the strategy and ``strategy="ddp"``, under which every rank runs the benchmark in step.
+    """
+    if isinstance(strategy, str):
+        known = strategy in StrategyRegistry
+        method = StrategyRegistry[strategy]["init_params"].get("start_method") if known else None
+        name = repr(strategy)
+    else:
+        init_args = getattr(strategy, "init_args", None)
+        method = init_args.get("start_method") if hasattr(init_args, "get") else None
+        name = str(getattr(strategy, "class_path", type(strategy).__name__))
+    if method in ("spawn", "fork", "forkserver"):
+        raise ValueError(
+            f"`strategy`: {name} trains in worker processes started by {method!r}, whose epoch times never reach the"
+            " benchmark. Use strategy='ddp' (--trainer.strategy=ddp): every rank then runs the benchmark in step, and"
+            " rank 0 reports."
+        )
+
+
 def prepare(
     build: Callable[[], Setup],
     options: BenchOptions,
@@ -479,6 +517,7 @@ def prepare(
         ValueError: On settings LDB rejects, a variant that does not apply, or no DROP epoch within ``epochs``.
     """
     setup = build()
+    check_strategy(setup.trainer_kwargs.get("strategy"))
     if options.name == BenchOptions.name:
         options.name = type(setup.model).__name__
     ldb = {**PAPER_LDB, **(ldb_settings(setup.trainer_kwargs.get("callbacks")) or {}), **(ldb_overrides or {})}
