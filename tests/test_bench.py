@@ -205,8 +205,8 @@ def test_bad_arguments_end_in_a_short_error_naming_the_setting(tmp_path, capsys)
 
 
 
-@pytest.mark.timeout(240)
-def test_under_ddp_every_rank_runs_the_benchmark_and_rank_zero_alone_reports(tmp_path):
+@pytest.mark.timeout(420)
+def test_under_ddp_every_rank_runs_the_benchmark_and_the_profile_and_rank_zero_alone_reports(tmp_path):
     # Lightning re-launches `ldb-bench` as rank 1; both ranks build and fit every run in step. Only rank 0 may
     # print the report and write the files (two writers raced on report.json), and the report says what ran.
     from helpers import RANK_VARIABLES, free_port
@@ -226,6 +226,15 @@ def test_under_ddp_every_rank_runs_the_benchmark_and_rank_zero_alone_reports(tmp
     # 64 samples over 2 ranks: 4 steps of 8 per device, and the DROP epoch's 2 steps of 16.
     assert [(e["steps"], e["batch_size"]) for e in runs["ldb"]] == [(4, 8), (4, 8), (2, 16)]
     assert "2 processes (strategy ddp): rank 0's times, per-device batches" in (tmp_path / "out" / "report.md").read_text()
+    # --profile alike: rank 0 alone prints and writes, and says its steps include the communication.
+    env["MASTER_PORT"] = str(free_port())
+    argv = ["--config", str(_config(tmp_path)), "--profile", "--profile-steps", "2", "--out", str(tmp_path / "prof"),
+            "--trainer.devices=2", "--trainer.strategy=ddp"]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "lightning_ldb.bench", *argv], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=200)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("2 processes: rank 0's steps, communication included") == 1, done.stdout
+    assert json.loads((tmp_path / "prof" / "profile.json").read_text())["config"]["world_size"] == 2
 
 
 

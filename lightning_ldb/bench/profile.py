@@ -164,14 +164,18 @@ class _StepTimer(Callback):
             self.last_end = end
 
 
-def time_steps(build: Callable[[], Setup], batches: Sequence[Any], warmup: int) -> dict[int, dict[str, float]]:
-    """Median forward/backward/optimizer/iteration seconds per batch size over ``batches[warmup:]``, in one fit.
+def time_steps(
+    build: Callable[[], Setup], batches: Sequence[Any], warmup: int
+) -> tuple[dict[int, dict[str, float]], int]:
+    """Median forward/backward/optimizer/iteration seconds per batch size over ``batches[warmup:]``, in one fit;
+    and the fit's world size (several processes: this rank's steps, communication included).
 
     Batches of both sizes alternate within the fit, so both see the same machine (a shared CPU's load moves).
     """
     setup = build()
     timer = _StepTimer()
-    _trainer(setup, [timer], len(batches)).fit(setup.model, train_dataloaders=_Batches(batches))
+    trainer = _trainer(setup, [timer], len(batches))
+    trainer.fit(setup.model, train_dataloaders=_Batches(batches))
     iterations = [b - a for a, b in zip(timer.starts, [*timer.starts[1:], timer.last_end])]
     by_size: dict[int, dict[str, float]] = {}
     for size in dict.fromkeys(step[0] for step in timer.steps):
@@ -182,7 +186,7 @@ def time_steps(build: Callable[[], Setup], batches: Sequence[Any], warmup: int) 
             for i, name in ((1, "forward_s"), (2, "backward_s"), (3, "optimizer_s"))
         }
         by_size[size]["iteration_s"] = statistics.median(it for _, it in timed)
-    return by_size
+    return by_size, trainer.world_size
 
 
 def peak_memory(build: Callable[[], Setup], batch: Any) -> Any:
@@ -309,7 +313,7 @@ def profile(
         memory = {"drop_batch": peak_memory(build, drop[0]), "base_batch": peak_memory(build, base[0])}
     fits = memory["drop_batch"] != "out of memory"
     interleaved = [batch for pair in zip(base, drop) for batch in pair] if scale > 1 and fits else base
-    times = time_steps(build, interleaved, steps)
+    times, world_size = time_steps(build, interleaved, steps)
     full, at_drop = times[base_size], times.get(drop_size, {"error": "out of memory"} if not fits else {})
     model = build().model
     device = torch.device("cuda") if on_gpu else torch.device("cpu")
@@ -330,7 +334,7 @@ def profile(
     return {
         "schema": "ldb-profile/1",
         "config": {"name": options.name, **(about or {}), "ldb": {k: ldb[k] for k in ("drop_rate", "batch_scale",
-                   "keep_first", "keep_last", "granularity")}, "steps": steps},  # fmt: skip
+                   "keep_first", "keep_last", "granularity")}, "steps": steps, "world_size": world_size},  # fmt: skip
         "environment": environment(on_gpu),
         "base_batch_size": base_size,
         "drop_batch_size": drop_size,
@@ -384,7 +388,9 @@ def render(result: Mapping[str, Any]) -> str:
     width = max(len(r[0]) for r in rows) + 2
     lines = [
         f"ldb-bench --profile: {config['name']} on {env['device']} ({env['cpu']}), full steps (data loading"
-        f" excluded), median of {config['steps']} after {config['steps']} warm-up",
+        f" excluded), median of {config['steps']} after {config['steps']} warm-up"
+        + (f"; {config['world_size']} processes: rank 0's steps, communication included"
+           if config.get("world_size", 1) > 1 else ""),  # fmt: skip
         f"{'':{width}}{base:>16}{scaled:>18}",
         *(f"{name:{width}}{a:>16}{b:>18}" for name, a, b in rows),
     ]
