@@ -268,7 +268,8 @@ class LayerDropBack:
             # A loop may run parts of the model (``model.encoder(x)``, the members of a ModuleDict) and never the
             # model itself: then the first module to run after a step starts the next forward. The model's own hook
             # runs first when it is called (before a DDP wrapper's forward), and the others find nothing left to do.
-            # Only while a forward can have work to do: a hook on every module costs each forward ~2 us a module.
+            # Only while a forward can have work to do: a hook on every module is a Python call per module per
+            # forward (docs/method-card.md, "What the engine costs a plain loop").
             handles += [module.register_forward_pre_hook(self._before_forward) for module in self.module.modules()]
         unseen = register_optimizer_step_pre_hook(self._warn_if_step_unseen)
         self._driving = True

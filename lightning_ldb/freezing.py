@@ -60,9 +60,12 @@ class ParameterFreezer:
                 another optimizer's placeholder (:meth:`give_placeholder_grads`) survives until its own
                 step. ``None``: all of them.
         """
+        stray = [param for param in self._frozen if param.grad is not None]
+        if not stray:  # the usual case, and every full epoch's: no set of the optimizer's parameters per step
+            return
         owned = None if optimizer is None else {id(p) for group in optimizer.param_groups for p in group["params"]}
-        for param in self._frozen:
-            if param.grad is not None and (owned is None or id(param) in owned):
+        for param in stray:
+            if owned is None or id(param) in owned:
                 param.grad = None
 
     def give_placeholder_grads(self, optimizers: Iterable[Optimizer]) -> None:
