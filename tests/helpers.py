@@ -213,7 +213,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-RANK_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK")
+_RANK_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK")
+
+
+def two_process_env(**extra: str) -> dict[str, str]:
+    """The environment of a command that Lightning re-launches as rank 1, on a free port, plus ``extra``."""
+    # An in-process DDP fit earlier in the session leaves LOCAL_RANK/NODE_RANK in os.environ; a child that inherits
+    # them takes itself for an already launched rank, never starts rank 1, and waits for it forever.
+    inherited = {k: v for k, v in os.environ.items() if k not in _RANK_VARIABLES}
+    return {**inherited, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONUNBUFFERED": "1", **extra}
 
 
 def run_two_process_script(script: Path, *args: str, timeout: float, env: Optional[dict[str, str]] = None) -> None:
@@ -224,10 +232,7 @@ def run_two_process_script(script: Path, *args: str, timeout: float, env: Option
 
     import pytest
 
-    # An in-process DDP fit earlier in the session leaves LOCAL_RANK/NODE_RANK in os.environ; a child that inherits
-    # them takes itself for an already launched rank, never starts rank 1, and waits for it forever.
-    inherited = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
-    env = {**inherited, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONUNBUFFERED": "1", **(env or {})}
+    env = two_process_env(**(env or {}))
     command = [sys.executable, str(script), *args]
     # Rank 1 is a child of rank 0: a session of their own lets a timeout kill both.
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)

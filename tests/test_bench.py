@@ -209,16 +209,19 @@ def test_bad_arguments_end_in_a_short_error_naming_the_setting(tmp_path, capsys)
 def test_under_ddp_every_rank_runs_the_benchmark_and_the_profile_and_rank_zero_alone_reports(tmp_path):
     # Lightning re-launches `ldb-bench` as rank 1; both ranks build and fit every run in step. Only rank 0 may
     # print the report and write the files (two writers raced on report.json), and the report says what ran.
-    from helpers import RANK_VARIABLES, free_port
+    from helpers import two_process_env
 
-    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), env.get("PYTHONPATH", "")]))  # fmt: skip
-    argv = _args(_config(tmp_path), tmp_path / "out", "--variants", "baseline,ldb", "--trainer.devices=2",
-                 "--trainer.strategy=ddp")  # fmt: skip
-    done = subprocess.run([sys.executable, "-m", "lightning_ldb.bench", *argv], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=200)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    def ldb_bench_on_two_ranks(*argv: str) -> subprocess.CompletedProcess:
+        tests = os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])  # the config's classes
+        done = subprocess.run(
+            [sys.executable, "-m", "lightning_ldb.bench", *argv, "--trainer.devices=2", "--trainer.strategy=ddp"],
+            env=two_process_env(OMP_NUM_THREADS="1", PYTHONPATH=tests), cwd=tmp_path, capture_output=True, text=True,
+            timeout=200,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    done = ldb_bench_on_two_ranks(*_args(_config(tmp_path), tmp_path / "out", "--variants", "baseline,ldb"))
     assert done.stdout.count("# ldb-bench: my") == 1 and done.stdout.count("Wrote ") == 1, done.stdout
     result = json.loads((tmp_path / "out" / "report.json").read_text())
     assert [run["world_size"] for run in result["runs"]] == [2, 2]
@@ -227,15 +230,10 @@ def test_under_ddp_every_rank_runs_the_benchmark_and_the_profile_and_rank_zero_a
     assert [(e["steps"], e["batch_size"]) for e in runs["ldb"]] == [(4, 8), (4, 8), (2, 16)]
     assert "2 processes (strategy ddp): rank 0's times, per-device batches" in (tmp_path / "out" / "report.md").read_text()
     # --profile alike: rank 0 alone prints and writes, and says its steps include the communication.
-    env["MASTER_PORT"] = str(free_port())
-    argv = ["--config", str(_config(tmp_path)), "--profile", "--profile-steps", "2", "--out", str(tmp_path / "prof"),
-            "--trainer.devices=2", "--trainer.strategy=ddp"]  # fmt: skip
-    done = subprocess.run([sys.executable, "-m", "lightning_ldb.bench", *argv], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=200)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = ldb_bench_on_two_ranks("--config", str(_config(tmp_path)), "--profile", "--profile-steps", "2", "--out",
+                                  str(tmp_path / "prof"))  # fmt: skip
     assert done.stdout.count("2 processes: rank 0's steps, communication included") == 1, done.stdout
     assert json.loads((tmp_path / "prof" / "profile.json").read_text())["config"]["world_size"] == 2
-
 
 
 def test_a_strategy_object_that_spawns_workers_fails_after_the_warm_up_naming_the_fix(tmp_path):
