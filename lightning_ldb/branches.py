@@ -283,7 +283,8 @@ def describe_branches(model: nn.Module, branches: Sequence[Branch], spec: Branch
         return f"{len(branches)} branches named by `branches=`"
     counts: dict[str, list[int]] = {}  # class name -> [blocks, branches]
     for name, module, _ in _matched_blocks(model):
-        entry = counts.setdefault(_forward_owner(module).__name__, [0, 0])
+        owner = _forward_owner(module)
+        entry = counts.setdefault(owner.__name__ if owner is not None else type(module).__name__, [0, 0])
         entry[0] += 1
         entry[1] += sum(1 for branch in branches if name == "" or branch.name.startswith(f"{name}."))
     return ", ".join(f"{n} branches in {blocks} {cls}" for cls, (blocks, n) in counts.items()) or "no branches"

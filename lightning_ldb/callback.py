@@ -397,7 +397,7 @@ def _attach_batch_schedule(
     source = _compat.train_data_source(trainer)
     if attach_batch_schedule(source, schedule, undo):
         return TrainLoaderReloader(trainer, schedule, undo)
-    mixins = [obj for obj in (trainer.datamodule, pl_module) if isinstance(obj, LDBDataModuleMixin)]
+    mixins = [obj for obj in (_datamodule(trainer), pl_module) if isinstance(obj, LDBDataModuleMixin)]
     if mixins:
         why = (
             f" {type(mixins[0]).__name__} uses `LDBDataModuleMixin`, but the train loader comes from"
@@ -421,3 +421,7 @@ def _describe_source(source: Any) -> str:
     if isinstance(source, Sequence) or source is None:
         return "the loaders passed to `fit`"
     return f"the {type(source).__name__} passed to `fit`"
+
+
+def _datamodule(trainer: Trainer) -> Any:
+    return trainer.datamodule  # type: ignore[attr-defined]  # a Trainer property the stubs do not show

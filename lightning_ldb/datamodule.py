@@ -144,7 +144,7 @@ class TrainLoaderReloader:
 
     def __init__(self, trainer: Trainer, schedule: BatchSchedule, undo: UndoList) -> None:
         self._schedule = schedule
-        self._user_reload = trainer.reload_dataloaders_every_n_epochs
+        self._user_reload = trainer.reload_dataloaders_every_n_epochs  # type: ignore[attr-defined]  # set in fit
         self._forced = False
         # Recorded as it is now (the value is unchanged here): ``_prepare`` changes it per epoch, the undo puts it back.
         undo.set_attribute(trainer, "limit_train_batches", trainer.limit_train_batches)
@@ -173,16 +173,16 @@ class TrainLoaderReloader:
     def on_loader_built(self, trainer: Trainer) -> None:
         """The train loader of this epoch is built (epoch or first batch start): put the user's setting back."""
         if self._forced:
-            trainer.reload_dataloaders_every_n_epochs = self._user_reload
+            trainer.reload_dataloaders_every_n_epochs = self._user_reload  # type: ignore[attr-defined]
             self._forced = False
 
     def _prepare(self, trainer: Trainer, epoch: int) -> None:
-        trainer.limit_train_batches = self._schedule.limit_batches(epoch)
+        trainer.limit_train_batches = self._schedule.limit_batches(epoch)  # type: ignore[assignment]  # the user's
         if self._schedule.val_check_interval is not None:
             # An int is a number of batches: Lightning refuses one larger than the (shorter) DROP epoch.
-            trainer.val_check_interval = self._schedule.val_check_batches(epoch)
+            trainer.val_check_interval = self._schedule.val_check_batches(epoch)  # type: ignore[assignment]
         if self._user_reload != 1:
-            trainer.reload_dataloaders_every_n_epochs = 1
+            trainer.reload_dataloaders_every_n_epochs = 1  # type: ignore[attr-defined]
             self._forced = True
 
 
@@ -224,7 +224,7 @@ def _preserved_global_rng() -> Iterator[None]:
 
         numpy_state: Any = numpy.random.get_state()
     except ImportError:  # pragma: no cover - numpy ships with torch's usual installs
-        numpy, numpy_state = None, None
+        numpy, numpy_state = None, None  # type: ignore[assignment]
     with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []):
         try:
             yield
@@ -267,7 +267,7 @@ class LDBDataModuleMixin:
         super().__init_subclass__(**kwargs)
         own = cls.__dict__.get("train_dataloader")
         if own is not None and not getattr(own, "_ldb_scaled", False):
-            cls.train_dataloader = _scaled_train_dataloader(own)  # type: ignore[method-assign]
+            cls.train_dataloader = _scaled_train_dataloader(own)  # type: ignore[method-assign,assignment]
 
     def train_dataloader(self) -> Any:
         # Reached when the mixin sits before a base class that defines ``train_dataloader``.

@@ -181,7 +181,7 @@ class DDPAdapter:
         if not isinstance(model, DistributedDataParallel):
             return  # not wrapped (yet): the wrap will see the current flags
         if self.method == "rewrap":
-            self._rewrap(strategy, model)
+            self._rewrap(strategy, model)  # type: ignore[arg-type]  # a DDPStrategy: adapter_for chose it
         elif self.method == "hook" and self._hooked_wrapper is not model:
             model.register_comm_hook(state=model.process_group, hook=allreduce_trainable_only)
             self._hooked_wrapper = model

@@ -210,7 +210,7 @@ class ProcessGroupSync:
         # settings but find_unused_parameters=True, serves every later DROP epoch. Its construction broadcasts rank
         # 0's module state, on every rank at once (each rank reaches the first DROP epoch's draw together).
         # ``broadcast_buffers`` is passed only when off: torch 2.14 deprecates the argument, not the default.
-        buffers = {} if getattr(wrapper, "broadcast_buffers", True) else {"broadcast_buffers": False}
+        buffers: dict[str, Any] = {} if getattr(wrapper, "broadcast_buffers", True) else {"broadcast_buffers": False}
         new = DistributedDataParallel(
             wrapper.module,
             device_ids=wrapper.device_ids,
@@ -372,7 +372,7 @@ def _disagreement_message(epoch: Optional[int], histories: list[Any]) -> str:
             ours = reference[index] if index < len(reference) else None
             theirs = history[index] if index < len(history) else None
             if ours != theirs:
-                key = (ours or theirs)[0]
+                key = (ours or theirs)[0]  # type: ignore[index]  # one of them is an entry
                 step = f" at step {key[1]}" if key[1] is not None else ""
                 detail = f"{step}: rank 0 dropped {_describe(ours)}, rank {rank} dropped {_describe(theirs)}"
                 break

@@ -295,7 +295,7 @@ class LayerDropBack:
     def discover(self) -> None:
         """List the units again (modules made after construction, lazy modules materialised since)."""
         self.units.discover(self.module, self.run_order or ())
-        self.candidates = self.units.candidates()
+        self.candidates = list(self.units.candidates())
 
     def hook_optimizers(self, optimizers: Iterable[Any], replace: bool = False) -> None:
         """Scale these optimizers' ``step()`` on DROP epochs (``replace``: forget the ones hooked before)."""
@@ -330,7 +330,7 @@ class LayerDropBack:
         if self.run_order is None and not self._warned_no_run_order:
             self._warned_no_run_order = True
             self._warn_no_run_order(epoch)
-        candidates = self.units.candidates()
+        candidates = list(self.units.candidates())
         if not candidates and not self._warned_nothing_to_drop:
             self._warned_nothing_to_drop = True
             self._warn_nothing_to_drop(epoch)
@@ -528,7 +528,7 @@ def _unwrap_model(model: nn.Module) -> tuple[nn.Module, bool]:
             compiled = compiled or inner is not model
         if inner is model:
             return model, compiled
-        model = inner
+        model = inner  # type: ignore[assignment]  # a wrapper's module is a Module
 
 
 def _unwrap_optimizer(optimizer: Any) -> Optimizer:

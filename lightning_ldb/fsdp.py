@@ -98,7 +98,7 @@ class FSDP2Adapter:
             ValueError: If the strategy's device mesh has a tensor-parallel dimension larger than 1.
         """
         self.check = CrossRankDrawCheck(per_draw=self.resample == "epoch")
-        size = tensor_parallel_size(trainer.strategy.device_mesh)
+        size = tensor_parallel_size(trainer.strategy.device_mesh)  # type: ignore[attr-defined]
         if size > 1:
             raise ValueError(
                 f"LayerDropBackCallback does not support tensor parallelism (ModelParallelStrategy with"

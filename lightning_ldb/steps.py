@@ -73,7 +73,7 @@ def estimated_stepping_batches(trainer: Trainer) -> Union[int, float]:
             f" `batch_size=` to count DROP epochs, got {type(loader).__name__}. Count the steps yourself or pass"
             " batch_scale=1."
         )
-    samples = len(loader.sampler)  # per device, once Lightning has injected its DistributedSampler
+    samples = len(loader.sampler)  # type: ignore[arg-type]  # per device, once Lightning has injected its DistributedSampler
     loaded_epoch = trainer.current_epoch  # the loader was built for this epoch's batch size
     base = schedule.base_size(loaded_epoch, loader.batch_size)
     def steps(epoch: int) -> int:
@@ -81,7 +81,7 @@ def estimated_stepping_batches(trainer: Trainer) -> Union[int, float]:
             samples,
             schedule.batch_size(epoch, base),
             loader.drop_last,
-            schedule.limit_batches(epoch),
+            schedule.limit_batches(epoch),  # type: ignore[arg-type]  # the trainer's, never None
             schedule.accumulate(epoch),
         )
 

@@ -42,6 +42,9 @@ class Unit(Protocol):
 class Units(Protocol):
     """The droppable units of one model, and the mechanism that drops them."""
 
+    #: The model's layers in registration order (empty before :meth:`discover`).
+    layers: list[Layer]
+
     def discover(self, model: nn.Module, run_order: Sequence[str]) -> None:
         """List ``model``'s units, layers ordered by ``run_order`` (module names in the order they first ran).
 
@@ -49,7 +52,7 @@ class Units(Protocol):
             ValueError: If no unit can ever be a candidate (``keep_first``/``keep_last``/``include``/``exclude``).
         """
 
-    def candidates(self) -> list[Unit]:
+    def candidates(self) -> Sequence[Unit]:
         """The units that may be dropped now: trainable, not kept, not filtered out; in run order."""
 
     def drop(self, dropped: Sequence[Unit], candidates: Sequence[Unit]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
