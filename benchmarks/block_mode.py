@@ -4,7 +4,7 @@ A standalone measurement, not a test. It uses LDB's mechanisms directly, exactly
 the callback uses them:
 
 * weights mode: the candidates of :func:`lightning_ldb.layers.select_candidates` (``keep_first=4``,
-  ``keep_last=1``), the draw of :func:`lightning_ldb.sampling.draw_dropped`, and
+  ``keep_last=1``), the draw of :func:`lightning_ldb.schedule.draw_dropped`, and
   :class:`lightning_ldb.freezing.ParameterFreezer` on the dropped layers;
 * block mode: the branches of :func:`lightning_ldb.branches.discover_branches`, filtered by
   :func:`lightning_ldb.branches.select_branch_candidates` with the same ``keep_first``/``keep_last``,
@@ -48,7 +48,7 @@ from lightning_ldb.branches import Branch, discover_branches, select_branch_cand
 from lightning_ldb.detaching import BranchInputDetacher
 from lightning_ldb.freezing import ParameterFreezer
 from lightning_ldb.layers import Layer, discover_layers, select_candidates
-from lightning_ldb.sampling import draw_dropped
+from lightning_ldb.schedule import draw_dropped
 
 KEEP_FIRST, KEEP_LAST = 4, 1  # the callback's defaults (the paper's)
 

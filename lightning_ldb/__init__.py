@@ -8,6 +8,7 @@ from lightning_ldb.branches import branch_from_names
 from lightning_ldb.callback import LayerDropBackCallback
 from lightning_ldb.datamodule import LDBDataModuleMixin
 from lightning_ldb.engine import LayerDropBack
+from lightning_ldb.schedule import Settings
 from lightning_ldb.steps import estimated_stepping_batches
 
 __version__ = "0.1.0"
@@ -17,6 +18,7 @@ __all__ = [
     "LDBDataModuleMixin",
     "LayerDropBack",
     "LayerDropBackCallback",
+    "Settings",
     "branch_from_names",
     "estimated_stepping_batches",
 ]

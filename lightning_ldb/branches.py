@@ -35,7 +35,7 @@ class Branch:
     """One residual branch: what ``backward="block"`` drops as a unit.
 
     It has the same ``name``/``parameters``/``numel`` as :class:`~lightning_ldb.layers.Layer`, so
-    :func:`~lightning_ldb.sampling.draw_dropped` and :class:`~lightning_ldb.freezing.ParameterFreezer`
+    :func:`~lightning_ldb.schedule.draw_dropped` and :class:`~lightning_ldb.freezing.ParameterFreezer`
     take branches unchanged.
 
     Attributes:

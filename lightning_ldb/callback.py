@@ -15,7 +15,7 @@ layer another callback froze there is not a candidate); ``on_train_epoch_end`` l
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional, Union
 
 from lightning.pytorch import LightningModule, Trainer
@@ -23,7 +23,6 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_ldb import _compat, composition
-from lightning_ldb._checks import check_choice
 from lightning_ldb.datamodule import (
     GradientAccumulationScaler,
     LDBDataModuleMixin,
@@ -31,31 +30,16 @@ from lightning_ldb.datamodule import (
     attach_batch_schedule,
     schedule_for,
 )
-from lightning_ldb.ddp import COMMUNICATION_METHODS
-from lightning_ldb.engine import LayerDropBack, Settings
+from lightning_ldb.engine import LayerDropBack
 from lightning_ldb.freezing import refuse_optimizers_that_move_dropped_parameters
-from lightning_ldb.schedule import BATCH_SCALINGS, DROP, FULL
+from lightning_ldb.schedule import DROP, FULL, Settings
 from lightning_ldb.strategies import StrategyAdapter, StrategySync, adapter_for
 from lightning_ldb.timing import EpochTimer
 from lightning_ldb.undo import UndoList
 
-#: The arguments that decide what a run drops; a checkpoint made with other values warns on resume.
-_CONFIG_KEYS = (
-    "drop_rate",
-    "every",
-    "lr_scale",
-    "batch_scale",
-    "batch_scaling",
-    "keep_first",
-    "keep_last",
-    "resample",
-    "granularity",
-    "include",
-    "exclude",
-    "communication",
-    "backward",
-    "branches",
-)
+#: The arguments that decide what a run drops (every setting but the seed); a checkpoint made with other values warns
+#: on resume.
+_CONFIG_KEYS = tuple(f.name for f in fields(Settings) if f.name != "seed")
 
 
 @dataclass
@@ -170,20 +154,10 @@ class LayerDropBackCallback(Callback):
         backward: str = "weights",
         branches: Any = None,
     ) -> None:
+        #: Every argument, checked (so that a bad one fails where it is written). Each is also an attribute of the
+        #: callback (``callback.drop_rate``); setting one replaces the settings, checked again.
+        self.settings = Settings.from_locals(locals())
         super().__init__()
-        # The engine's checks, once here so that a bad argument fails where it is written.
-        s = Settings.checked(
-            drop_rate, every, lr_scale, batch_scale, keep_first, keep_last, resample, seed, granularity, include,
-            exclude, backward, branches,
-        )  # fmt: skip
-        self.drop_rate, self.every, self.lr_scale, self.batch_scale = s.drop_rate, s.every, s.lr_scale, s.batch_scale
-        self.keep_first, self.keep_last, self.resample = s.keep_first, s.keep_last, s.resample
-        self.granularity, self.include, self.exclude = s.granularity, s.include, s.exclude
-        self.backward, self.branches = s.backward, s.branches
-        self.batch_scaling = check_choice("batch_scaling", batch_scaling, BATCH_SCALINGS)
-        self.seed_argument: Optional[int] = seed
-        self.communication = check_choice("communication", communication, COMMUNICATION_METHODS)
-
         self._fit: Optional[_Fit] = None
         # What the last fit left for introspection and ``state_dict`` after it ended (no live objects).
         self._last_seed: Optional[int] = None
@@ -192,6 +166,11 @@ class LayerDropBackCallback(Callback):
         self._last_run_order: Optional[list[str]] = None
 
     # ------------------------------------------------------------------ introspection
+    @property
+    def seed_argument(self) -> Optional[int]:
+        """The ``seed`` argument (``None``: resolved at each fit); :attr:`seed` is the one in use."""
+        return self.settings.seed
+
     @property
     def mode(self) -> str:
         """``"drop"`` or ``"full"``: the mode of the current (or last) training epoch."""
@@ -226,26 +205,26 @@ class LayerDropBackCallback(Callback):
         self._close_fit()  # a fit that died without teardown
         # All or nothing: whatever step fails, what the earlier ones changed is undone.
         with UndoList() as undo:
-            adapter = adapter_for(trainer.strategy, self.resample, self.communication)
+            adapter = adapter_for(trainer.strategy, self.settings.resample, self.settings.communication)
             undo.callback(adapter.close)
             adapter.setup(trainer, pl_module, undo)  # before the strategy wraps the model
-            engine = LayerDropBack(pl_module, (), **self._engine_arguments(), sync=StrategySync(trainer, adapter))
+            engine = LayerDropBack(pl_module, (), **self.settings.engine_arguments(), sync=StrategySync(trainer, adapter))
             undo.callback(engine.close)
-            reloader = _attach_batch_schedule(trainer, pl_module, self.every, self.batch_scale, self.batch_scaling, undo)
+            reloader = _attach_batch_schedule(trainer, pl_module, self.settings.every, self.settings.batch_scale, self.settings.batch_scaling, undo)
             engine.batch_scaled = isinstance(reloader, TrainLoaderReloader)
             fit = _Fit(engine, adapter, undo.pop_all(), reloader=reloader)  # set up: the fit owns the undo list now
         self._fit = fit
         if fit.batch_scaling_active:
-            composition.warn_if_step_checkpoints(trainer, self.batch_scale)
+            composition.warn_if_step_checkpoints(trainer, self.settings.batch_scale)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         engine = self._require_fit().engine
         engine.discover()  # modules made in ``configure_model`` exist now
         refuse_optimizers_that_move_dropped_parameters(trainer.optimizers)  # they exist now: fail before a step
-        composition.report_branches(pl_module, self, getattr(engine.units, "branches", ()))
+        composition.report_branches(pl_module, self.settings, getattr(engine.units, "branches", ()))
         composition.warn_if_compiled(pl_module, engine.candidates)
-        composition.warn_if_all_droppable(pl_module, engine.candidates, self.drop_rate)
-        composition.warn_if_an_optimizer_can_lose_all_its_layers(trainer.optimizers, engine.candidates, self.drop_rate)
+        composition.warn_if_all_droppable(pl_module, engine.candidates, self.settings.drop_rate)
+        composition.warn_if_an_optimizer_can_lose_all_its_layers(trainer.optimizers, engine.candidates, self.settings.drop_rate)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Optimizers exist now, and a mid-epoch resume skips ``on_train_epoch_start``, so the epoch is entered here too.
@@ -254,7 +233,7 @@ class LayerDropBackCallback(Callback):
         if fit.reloader is not None:
             fit.reloader.on_train_start(trainer)
         if fit.batch_scaling_active:
-            composition.warn_if_resumed_short_epoch(trainer, self.every)
+            composition.warn_if_resumed_short_epoch(trainer, self.settings.every)
         fit.engine.start_epoch(trainer.current_epoch)
         fit.timer.start()
 
@@ -286,7 +265,7 @@ class LayerDropBackCallback(Callback):
             # Drawn here, not in ``on_train_epoch_start``: every callback's epoch start has run by now, whatever the
             # order, so a layer another callback froze there is not a candidate. ``global_step`` counts optimizer
             # steps, so the micro-batches of one accumulated step share a draw.
-            step = trainer.global_step if self.resample == "step" else None
+            step = trainer.global_step if self.settings.resample == "step" else None
             fit.engine.draw(trainer.current_epoch, step)
 
     def on_train_batch_end(
@@ -346,23 +325,10 @@ class LayerDropBackCallback(Callback):
 
     # ------------------------------------------------------------------ internals
     def _config_value(self, key: str) -> Any:
-        value = getattr(self, key)
+        value = getattr(self.settings, key)
         if key == "branches" and callable(value):  # a function is recorded by name, not pickled
             return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__name__)}"
         return dict(value) if isinstance(value, Mapping) else value
-
-    def _engine_arguments(self) -> dict[str, Any]:
-        # Read at every fit: a subclass may change an attribute before ``setup``.
-        names = ("drop_rate", "every", "lr_scale", "batch_scale", "keep_first", "keep_last", "resample", "granularity")
-        arguments = {name: getattr(self, name) for name in names}
-        return {
-            **arguments,
-            "seed": self.seed_argument,
-            "include": self.include,
-            "exclude": self.exclude,
-            "backward": self.backward,
-            "branches": self.branches,
-        }
 
     def _require_fit(self) -> _Fit:
         if self._fit is None:
@@ -381,6 +347,25 @@ class LayerDropBackCallback(Callback):
         self._last_candidates = fit.engine.candidate_layers
         self._last_run_order = fit.engine.run_order
         fit.close()
+
+
+class _Setting:
+    """A callback attribute that reads one field of the callback's :class:`Settings`; setting it replaces the
+    settings (checked again), so that a subclass or a config changing it before ``setup`` is checked like an argument."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, callback: Any, owner: Any = None) -> Any:
+        return self if callback is None else getattr(callback.settings, self.name)
+
+    def __set__(self, callback: Any, value: Any) -> None:
+        callback.settings = replace(callback.settings, **{self.name: value})
+
+
+for _field in fields(Settings):
+    if _field.name != "seed":  # ``seed`` is the seed in use, ``seed_argument`` the argument
+        setattr(LayerDropBackCallback, _field.name, _Setting(_field.name))
 
 
 def _attach_batch_schedule(

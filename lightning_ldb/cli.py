@@ -184,11 +184,21 @@ def _raised_by_init(error: BaseException) -> Optional[tuple[type, bool]]:
             if not _in_jsonargparse(frame.f_code.co_filename):
                 own_file = frame.f_code.co_filename
                 checked = _is_raise_statement(entries[-1]) and all(
-                    e.tb_frame.f_code.co_filename == own_file or _in_checking_library(e.tb_frame.f_code.co_filename)
-                    for e in entries[index:]
+                    _in_checking_code(e.tb_frame, own_file) for e in entries[index:]
                 )
                 return type(frame.f_locals["self"]), checked
     return None
+
+
+def _in_checking_code(frame: Any, own_file: str) -> bool:
+    """Whether ``frame`` runs in ``own_file``, LDB or Lightning; a dataclass's generated ``__init__`` (no file of its
+    own, e.g. ``lightning_ldb.Settings``) counts as its class's file."""
+    filename = frame.f_code.co_filename
+    if filename == own_file or _in_checking_library(filename):
+        return True
+    owner = frame.f_locals.get("self") if filename.startswith("<") else None
+    path = getattr(sys.modules.get(type(owner).__module__), "__file__", None) if owner is not None else None
+    return path is not None and (path == own_file or _in_checking_library(path))
 
 
 def _traceback_entries(error: BaseException) -> Iterator[TracebackType]:

@@ -42,11 +42,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_ldb import _compat
 from lightning_ldb.distributed import CrossRankDrawCheck, allreduce_trainable_only
-from lightning_ldb.sampling import DrawKey
+from lightning_ldb.schedule import COMMUNICATION_METHODS, DrawKey
 from lightning_ldb.undo import UndoList
 
-#: The communication methods, ``"auto"`` first.
-COMMUNICATION_METHODS = ("auto", "rewrap", "hook", "find_unused")
 
 
 

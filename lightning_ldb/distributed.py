@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_ldb import _compat
-from lightning_ldb.sampling import DrawKey
+from lightning_ldb.schedule import DrawKey
 
 
 def warn_on_rank_zero(message: str) -> None:

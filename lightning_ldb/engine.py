@@ -19,7 +19,6 @@ import logging
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from torch import nn
@@ -28,93 +27,27 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from lightning_ldb import _compat
-from lightning_ldb._checks import check_choice, check_float, check_int, check_patterns
 from lightning_ldb.branches import BranchesSpec
 from lightning_ldb.compiling import compiled_holders, describe_compiled, recompile_warning
 from lightning_ldb.distributed import Sync, sync_for, warn_on_rank_zero
 from lightning_ldb.freezing import ParameterFreezer, refuse_optimizers_that_move_dropped_parameters
-from lightning_ldb.layers import GRANULARITIES, RunOrderRecorder, unique_numel
+from lightning_ldb.layers import RunOrderRecorder, unique_numel
 from lightning_ldb.lr_scaling import StepLRScaler
-from lightning_ldb.sampling import DrawKey, draw_dropped, fresh_seed, global_seed
-from lightning_ldb.schedule import DROP, FULL, BatchSchedule, epoch_mode
+from lightning_ldb.schedule import (
+    DROP,
+    FULL,
+    BatchSchedule,
+    DrawKey,
+    Settings,
+    check_int,
+    draw_dropped,
+    epoch_mode,
+    fresh_seed,
+    global_seed,
+)
 from lightning_ldb.units import Unit, units_for
 
-RESAMPLE_MODES = ("epoch", "step")
-#: What a dropped unit skips in the backward pass.
-BACKWARD_MODES = ("weights", "block")
-
 _log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Settings:
-    """LDB's arguments; :meth:`checked` checks them: each error names the argument, the value and the fix.
-
-    Raises:
-        TypeError: From :meth:`checked`, if an argument has the wrong type.
-        ValueError: From :meth:`checked`, if an argument is out of range, or ``branches`` is given without
-            ``backward="block"``.
-    """
-
-    drop_rate: float = 0.3
-    every: int = 2
-    lr_scale: float = 2.0
-    batch_scale: int = 2
-    keep_first: int = 4
-    keep_last: int = 1
-    resample: str = "epoch"
-    seed: Optional[int] = None
-    granularity: str = "module"
-    include: Optional[Sequence[str]] = None
-    exclude: Optional[Sequence[str]] = None
-    backward: str = "weights"
-    branches: BranchesSpec = None
-
-    @classmethod
-    def checked(
-        cls,
-        drop_rate: Any = 0.3,
-        every: Any = 2,
-        lr_scale: Any = 2.0,
-        batch_scale: Any = 2,
-        keep_first: Any = 4,
-        keep_last: Any = 1,
-        resample: Any = "epoch",
-        seed: Any = None,
-        granularity: Any = "module",
-        include: Any = None,
-        exclude: Any = None,
-        backward: Any = "weights",
-        branches: Any = None,
-    ) -> Settings:
-        """The settings, each argument checked (a plain function, so a failed check's traceback is LDB's own)."""
-        if seed is not None:
-            check_int("seed", seed, minimum=0)
-        if branches is not None and not (isinstance(branches, Mapping) or callable(branches)):
-            raise TypeError(
-                "`branches` must be None (the built-in rules), a mapping {entry pattern: [member names]} (e.g."
-                f" {{'blocks.*.norm1': ['attn']}}) or a callable model -> branches, got {branches!r}."
-            )
-        settings = cls(
-            drop_rate=check_float("drop_rate", drop_rate, 0.0, 1.0),
-            every=check_int("every", every, minimum=1),
-            lr_scale=check_float("lr_scale", lr_scale, 0.0, low_inclusive=False),
-            batch_scale=check_int("batch_scale", batch_scale, minimum=1),
-            keep_first=check_int("keep_first", keep_first, minimum=0),
-            keep_last=check_int("keep_last", keep_last, minimum=0),
-            resample=check_choice("resample", resample, RESAMPLE_MODES),
-            seed=seed,
-            granularity=check_choice("granularity", granularity, GRANULARITIES),
-            include=check_patterns("include", include),
-            exclude=check_patterns("exclude", exclude),
-            backward=check_choice("backward", backward, BACKWARD_MODES),
-            branches=branches,
-        )
-        if branches is not None and settings.backward != "block":
-            raise ValueError(
-                f"`branches` is used by backward='block' only, got backward={backward!r}. Pass backward='block'."
-            )
-        return settings
 
 
 class LayerDropBack:
@@ -185,10 +118,7 @@ class LayerDropBack:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-        s = self.settings = Settings.checked(
-            drop_rate, every, lr_scale, batch_scale, keep_first, keep_last, resample, seed, granularity, include,
-            exclude, backward, branches,
-        )  # fmt: skip
+        s = self.settings = Settings.from_locals(locals())
         self.model = model
         self.module, self._model_compiled = _unwrap_model(model)
         self.freezer = ParameterFreezer()

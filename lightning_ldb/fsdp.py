@@ -33,7 +33,7 @@ from typing import Any, Optional
 from lightning.pytorch import LightningModule, Trainer
 
 from lightning_ldb.distributed import CrossRankDrawCheck
-from lightning_ldb.sampling import DrawKey
+from lightning_ldb.schedule import DrawKey
 from lightning_ldb.undo import UndoList
 
 #: The name Lightning's ``ModelParallelStrategy`` gives the tensor-parallel dimension of its device mesh.

@@ -23,7 +23,6 @@ from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
-GRANULARITIES = ("module", "parameter")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from lightning.pytorch.strategies import (
     XLAStrategy,
 )
 
-from lightning_ldb.sampling import DrawKey
+from lightning_ldb.schedule import DrawKey
 from lightning_ldb.undo import UndoList
 
 

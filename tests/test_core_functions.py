@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from lightning_ldb.layers import discover_layers, select_candidates
-from lightning_ldb.sampling import draw_dropped
+from lightning_ldb.schedule import draw_dropped
 from lightning_ldb.schedule import is_drop_epoch
 from lightning_ldb.layers import RunOrderRecorder, order_layers, unique_numel
-from lightning_ldb.sampling import draw_key
+from lightning_ldb.schedule import draw_key
 
 
 def test_schedule_matches_the_paper():

@@ -20,7 +20,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 
 from lightning_ldb.fsdp import FSDP2Adapter, tensor_parallel_size
 from lightning_ldb.layers import discover_layers
-from lightning_ldb.sampling import draw_dropped
+from lightning_ldb.schedule import draw_dropped
 from lightning_ldb.strategies import adapter_for
 from lightning_ldb.undo import UndoList
 

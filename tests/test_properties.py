@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ldb.layers import discover_layers, select_candidates
-from lightning_ldb.sampling import draw_dropped
+from lightning_ldb.schedule import draw_dropped
 from lightning_ldb.schedule import is_drop_epoch
 from lightning_ldb.freezing import ParameterFreezer
 from lightning_ldb.layers import Layer

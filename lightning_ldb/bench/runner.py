@@ -21,7 +21,7 @@ import platform
 import random
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Optional
 
 import torch
@@ -29,33 +29,19 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule, Tr
 from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, LearningRateMonitor, ModelSummary, ProgressBar
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_ldb import LayerDropBack, LayerDropBackCallback, LDBDataModuleMixin
+from lightning_ldb import LayerDropBack, LayerDropBackCallback, LDBDataModuleMixin, Settings
 from lightning_ldb.bench.data import derived_seed
 from lightning_ldb.bench.peers import ProgressiveFreezing, add_stochastic_depth, identity_blocks
 
-#: The paper's LDB settings (section 4.3.3): p = 0.3, a DROP epoch every second epoch, LR and batch x2,
-#: the first four layers and the last one always trained.
+#: The paper's LDB settings (section 4.3.3), the library's defaults: p = 0.3, a DROP epoch every second epoch, LR and
+#: batch x2, the first four layers and the last one always trained.
 PAPER_LDB: dict[str, Any] = {
-    "drop_rate": 0.3,
-    "every": 2,
-    "lr_scale": 2.0,
-    "batch_scale": 2,
-    "keep_first": 4,
-    "keep_last": 1,
-    "resample": "epoch",
-    "granularity": "module",
-    "batch_scaling": "loader",
-}
+    f.name: f.default for f in fields(Settings) if f.name in ("drop_rate", "every", "lr_scale", "batch_scale", "keep_first",
+    "keep_last", "resample", "granularity", "batch_scaling")
+}  # fmt: skip
 
-#: The public attributes of a :class:`~lightning_ldb.LayerDropBackCallback` that the variants take over.
-LDB_ATTRIBUTES = (
-    *PAPER_LDB,
-    "include",
-    "exclude",
-    "communication",
-    "backward",
-    "branches",
-)
+#: The public attributes of a :class:`~lightning_ldb.LayerDropBackCallback` that the variants take over: its settings.
+LDB_ATTRIBUTES = tuple(f.name for f in fields(Settings) if f.name != "seed")
 
 #: Variant -> what it changes in the LDB arguments (``None``: no callback), and what it measures.
 VARIANTS: dict[str, tuple[Optional[dict[str, Any]], str]] = {

@@ -14,7 +14,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_ldb import LDBDataModuleMixin
-from lightning_ldb._checks import check_choice, check_float, check_int
+from lightning_ldb.examples._checks import check_choice, check_float, check_int
 from lightning_ldb.examples._deps import require
 
 tv_datasets = require("torchvision.datasets")

@@ -28,7 +28,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 
-from lightning_ldb._checks import check_choice, check_float, check_int
+from lightning_ldb.examples._checks import check_choice, check_float, check_int
 from lightning_ldb.examples._deps import require
 
 tv_models = require("torchvision.models")

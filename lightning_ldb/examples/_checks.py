@@ -1,4 +1,7 @@
-"""Argument checks shared by the public API: each error names the argument, the value and the fix."""
+"""The examples' argument checks: each error names the argument, the value and the fix.
+
+The examples use the library's public names only, so they keep their own copy of these few lines.
+"""
 
 from __future__ import annotations
 
@@ -37,17 +40,3 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
     return value
-
-
-def check_patterns(name: str, value: Any) -> Optional[tuple[str, ...]]:
-    """Return ``value`` as a tuple of non-empty strings (or ``None``); raise otherwise."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, Sequence) or not all(isinstance(p, str) and p for p in value):
-        raise TypeError(
-            f"`{name}` must be None, a non-empty string or a list of non-empty strings (fnmatch patterns on layer"
-            f" names, e.g. ['layer3.*']), got {value!r}."
-        )
-    return tuple(value)
