@@ -5,11 +5,11 @@ the callback uses them:
 
 * weights mode: the candidates of :func:`lightning_ldb.layers.select_candidates` (``keep_first=4``,
   ``keep_last=1``), the draw of :func:`lightning_ldb.schedule.draw_dropped`, and
-  :class:`lightning_ldb.freezing.ParameterFreezer` on the dropped layers;
+  :class:`lightning_ldb.dropping.ParameterFreezer` on the dropped layers;
 * block mode: the branches of :func:`lightning_ldb.branches.discover_branches`, filtered by
   :func:`lightning_ldb.branches.select_branch_candidates` with the same ``keep_first``/``keep_last``,
   the same draw function, the same freezer on the dropped branches' parameters, and
-  :class:`lightning_ldb.detaching.BranchInputDetacher` on their entries.
+  :class:`lightning_ldb.dropping.BranchInputDetacher` on their entries.
 
 A step is ``zero_grad``, drop, forward, cross-entropy, backward, SGD step (momentum and weight
 decay), release. Steps of all modes are interleaved within each repeat, and every time ratio is taken
@@ -45,8 +45,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_ldb.branches import Branch, discover_branches, select_branch_candidates
-from lightning_ldb.detaching import BranchInputDetacher
-from lightning_ldb.freezing import ParameterFreezer
+from lightning_ldb.dropping import BranchInputDetacher, ParameterFreezer
 from lightning_ldb.layers import Layer, discover_layers, select_candidates
 from lightning_ldb.schedule import draw_dropped
 

@@ -2,7 +2,7 @@
 
 A residual block computes ``y = skip(x) + F(x)``. A *branch* is ``F``: the modules that see ``x`` only
 through its *entry* module, and whose output reaches ``y`` only through the sum. If the branch is
-computed on ``x.detach()`` (see :mod:`lightning_ldb.detaching`) and its parameters are frozen, the
+computed on ``x.detach()`` (see :class:`~lightning_ldb.dropping.BranchInputDetacher`) and its parameters are frozen, the
 forward value is unchanged and the backward pass does not enter ``F`` at all; the gradient still
 reaches every earlier layer through ``skip``.
 
@@ -35,7 +35,7 @@ class Branch:
     """One residual branch: what ``backward="block"`` drops as a unit.
 
     It has the same ``name``/``parameters``/``numel`` as :class:`~lightning_ldb.layers.Layer`, so
-    :func:`~lightning_ldb.schedule.draw_dropped` and :class:`~lightning_ldb.freezing.ParameterFreezer`
+    :func:`~lightning_ldb.schedule.draw_dropped` and :class:`~lightning_ldb.dropping.ParameterFreezer`
     take branches unchanged.
 
     Attributes:

@@ -31,7 +31,7 @@ from lightning_ldb.datamodule import (
     schedule_for,
 )
 from lightning_ldb.engine import LayerDropBack
-from lightning_ldb.freezing import refuse_optimizers_that_move_dropped_parameters
+from lightning_ldb.dropping import refuse_optimizers_that_move_dropped_parameters
 from lightning_ldb.schedule import DROP, FULL, Settings
 from lightning_ldb.strategies import StrategyAdapter, StrategySync, adapter_for
 from lightning_ldb.timing import EpochTimer

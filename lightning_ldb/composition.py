@@ -16,9 +16,8 @@ from torch.optim import Optimizer
 
 from lightning_ldb import _compat
 from lightning_ldb.branches import Branch, describe_branches, unrecognised_note
-from lightning_ldb.compiling import compiled_holders, describe_compiled, recompile_warning
+from lightning_ldb.dropping import Unit, compiled_holders, describe_compiled, recompile_warning
 from lightning_ldb.schedule import is_drop_epoch
-from lightning_ldb.units import Unit
 
 
 def warn_if_step_checkpoints(trainer: Trainer, batch_scale: int) -> None:

@@ -7,8 +7,8 @@ script and the Trainer (through :class:`~lightning_ldb.LayerDropBackCallback`, a
 same code, and the same seed gives the same draws in each.
 
 One DROP epoch, top to bottom: :meth:`LayerDropBack.start_epoch` sets the mode and the LR scale;
-:meth:`LayerDropBack.draw` asks the units (:mod:`lightning_ldb.units`) for the candidates trainable now, draws over
-them (:mod:`lightning_ldb.sampling`), has the units drop the drawn ones and tells the processes (:class:`Sync`);
+:meth:`LayerDropBack.draw` asks the units (:mod:`lightning_ldb.dropping`) for the candidates trainable now, draws over
+them (:mod:`lightning_ldb.schedule`), has the units drop the drawn ones and tells the processes (:class:`Sync`);
 every ``optimizer.step()`` runs with the scaled LR (:mod:`lightning_ldb.lr_scaling`); :meth:`LayerDropBack.end_epoch`
 releases every unit. :meth:`LayerDropBack.epoch` does all of it for a plain loop, on every exit path.
 """
@@ -28,9 +28,16 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from lightning_ldb import _compat
 from lightning_ldb.branches import BranchesSpec
-from lightning_ldb.compiling import compiled_holders, describe_compiled, recompile_warning
 from lightning_ldb.distributed import Sync, sync_for, warn_on_rank_zero
-from lightning_ldb.freezing import ParameterFreezer, refuse_optimizers_that_move_dropped_parameters
+from lightning_ldb.dropping import (
+    ParameterFreezer,
+    Unit,
+    compiled_holders,
+    describe_compiled,
+    recompile_warning,
+    refuse_optimizers_that_move_dropped_parameters,
+    units_for,
+)
 from lightning_ldb.layers import RunOrderRecorder, unique_numel
 from lightning_ldb.lr_scaling import StepLRScaler
 from lightning_ldb.schedule import (
@@ -45,7 +52,6 @@ from lightning_ldb.schedule import (
     fresh_seed,
     global_seed,
 )
-from lightning_ldb.units import Unit, units_for
 
 _log = logging.getLogger(__name__)
 

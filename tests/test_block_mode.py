@@ -21,8 +21,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet, resnet18
 from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 
 from lightning_ldb.branches import Branch, branch_from_names, discover_branches, select_branch_candidates
-from lightning_ldb.detaching import BranchInputDetacher
-from lightning_ldb.freezing import ParameterFreezer
+from lightning_ldb.dropping import BranchInputDetacher, ParameterFreezer
 from lightning_ldb.layers import discover_layers
 
 timm = pytest.importorskip("timm")

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_ldb.layers import discover_layers, select_candidates
 from lightning_ldb.schedule import draw_dropped
 from lightning_ldb.schedule import is_drop_epoch
-from lightning_ldb.freezing import ParameterFreezer
+from lightning_ldb.dropping import ParameterFreezer
 from lightning_ldb.layers import Layer
 from lightning_ldb.lr_scaling import StepLRScaler
 from lightning_ldb.steps import optimizer_steps_per_epoch

@@ -221,8 +221,8 @@ def test_the_cycle_finder_finds_a_cycle():
 #: Modules that run without Lightning: the pure core, the units, the mechanisms, the process-group sync, and
 #: ``_compat`` (which the engine uses for Fabric's wrapper, so it takes the objects as they are).
 BELOW_THE_ENGINE = [
-    "schedule", "layers", "branches", "undo", "freezing", "lr_scaling", "detaching", "units",
-    "distributed", "_compat", "compiling",
+    "schedule", "layers", "branches", "undo", "dropping", "lr_scaling",
+    "distributed", "_compat",
 ]  # fmt: skip
 #: The Lightning integrations and the callback.
 LIGHTNING_SIDE = {
