@@ -33,7 +33,8 @@ from lightning_ldb.datamodule import (
 from lightning_ldb.engine import LayerDropBack
 from lightning_ldb.dropping import refuse_optimizers_that_move_dropped_parameters
 from lightning_ldb.schedule import DROP, FULL, Settings
-from lightning_ldb.strategies import StrategyAdapter, StrategySync, adapter_for
+from lightning_ldb.distributed import Sync
+from lightning_ldb.strategies import strategy_sync
 from lightning_ldb.timing import EpochTimer
 from lightning_ldb.undo import UndoList
 
@@ -47,8 +48,8 @@ class _Fit:
     """What one fit holds, from ``setup`` to ``teardown``."""
 
     engine: LayerDropBack
-    adapter: StrategyAdapter
-    undo: UndoList  # closes the engine and the adapter too
+    sync: Sync  # the strategy's
+    undo: UndoList  # closes the engine and the sync too
     #: What changes the batch between epochs: the train-loader reload (``batch_scaling="loader"`` with the mixin),
     #: or the accumulation (``"accumulate"``).
     reloader: Optional[Union[TrainLoaderReloader, GradientAccumulationScaler]] = None
@@ -60,7 +61,7 @@ class _Fit:
         return isinstance(self.reloader, TrainLoaderReloader)
 
     def close(self) -> None:
-        """Undo the list: the engine restores every flag and learning rate, the adapter lets go of its wrappers, every
+        """Undo the list: the engine restores every flag and learning rate, the sync lets go of its wrappers, every
         setting goes back. Local only (no collective)."""
         self.undo.close()
 
@@ -205,14 +206,12 @@ class LayerDropBackCallback(Callback):
         self._close_fit()  # a fit that died without teardown
         # All or nothing: whatever step fails, what the earlier ones changed is undone.
         with UndoList() as undo:
-            adapter = adapter_for(trainer.strategy, self.settings.resample, self.settings.communication)
-            undo.callback(adapter.close)
-            adapter.setup(trainer, pl_module, undo)  # before the strategy wraps the model
-            engine = LayerDropBack(pl_module, (), **self.settings.engine_arguments(), sync=StrategySync(trainer, adapter))
+            sync = strategy_sync(trainer, pl_module, self.settings, undo)  # before the strategy wraps the model
+            engine = LayerDropBack(pl_module, (), **self.settings.engine_arguments(), sync=sync)
             undo.callback(engine.close)
             reloader = _attach_batch_schedule(trainer, pl_module, self.settings.every, self.settings.batch_scale, self.settings.batch_scaling, undo)
             engine.batch_scaled = isinstance(reloader, TrainLoaderReloader)
-            fit = _Fit(engine, adapter, undo.pop_all(), reloader=reloader)  # set up: the fit owns the undo list now
+            fit = _Fit(engine, sync, undo.pop_all(), reloader=reloader)  # set up: the fit owns the undo list now
         self._fit = fit
         if fit.batch_scaling_active:
             composition.warn_if_step_checkpoints(trainer, self.settings.batch_scale)

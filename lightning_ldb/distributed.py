@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from abc import ABC, abstractmethod
 from typing import Any, Optional, Protocol
 
 import torch
@@ -68,6 +69,57 @@ class LocalSync:
         pass
 
 
+class CheckedSync(ABC):
+    """Several processes: the one cross-rank draw check, told of every change in one place.
+
+    A subclass says how to reach the processes (:meth:`broadcast`, :attr:`world_size`, :attr:`root_device`) and
+    what else a change of the trainable set needs (:meth:`after_change`): :class:`ProcessGroupSync` for the engine
+    on its own, and the Lightning strategies' syncs (:mod:`lightning_ldb.strategies`) under the Trainer.
+
+    Args:
+        resample: ``"epoch"`` (every draw is checked) or ``"step"`` (checked once per DROP epoch, see
+            :class:`CrossRankDrawCheck`).
+    """
+
+    def __init__(self, resample: str) -> None:
+        self.check = CrossRankDrawCheck(per_draw=resample == "epoch")
+
+    @property
+    @abstractmethod
+    def world_size(self) -> int:
+        """How many processes train the model."""
+
+    @property
+    @abstractmethod
+    def root_device(self) -> torch.device:
+        """Where the check's tensor lives: CPU for gloo, the rank's GPU for NCCL."""
+
+    @abstractmethod
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj``, on every rank."""
+
+    def before_draw(self) -> None:
+        """A draw is about to freeze units (nothing to do unless a subclass says so)."""
+
+    def on_trainable_set_changed(self, draw_key: Optional[DrawKey], dropped: tuple[str, ...]) -> None:
+        """Check that every rank drew the same, then let the subclass follow the change.
+
+        Raises:
+            RuntimeError: If the ranks disagree on the dropped units (raised on every rank).
+        """
+        if draw_key is None:
+            self.check.on_release(self)
+        else:
+            self.check.on_draw(self, draw_key, dropped)
+        self.after_change()
+
+    def after_change(self) -> None:
+        """The trainable set just changed and every rank agrees (nothing to do unless a subclass says so)."""
+
+    def close(self) -> None:
+        """Let go of every wrapper and hook this object holds (nothing unless a subclass says so)."""
+
+
 def sync_for(model: nn.Module, resample: str, fabric: Any = None) -> Sync:
     """The :class:`Sync` for ``model``: :class:`ProcessGroupSync` when several processes train it, else :class:`LocalSync`.
 
@@ -83,8 +135,15 @@ def sync_for(model: nn.Module, resample: str, fabric: Any = None) -> Sync:
     return ProcessGroupSync(model, resample, fabric)
 
 
-#: Fabric strategies built on ``DDPStrategy`` that do not wrap the model in ``DistributedDataParallel``.
+#: Strategies built on ``DDPStrategy`` that do not wrap the model in ``DistributedDataParallel`` (Fabric's and the
+#: Trainer's share the names).
 _NOT_DDP_WRAPPERS = {"DeepSpeedStrategy", "XLAStrategy"}
+
+
+def wraps_in_ddp(strategy: Any) -> bool:
+    """Whether ``strategy`` (Fabric's or the Trainer's) is a ``DDPStrategy`` that wraps the model in DDP."""
+    names = {cls.__name__ for cls in type(strategy).__mro__}
+    return "DDPStrategy" in names and not names & _NOT_DDP_WRAPPERS
 
 
 def check_servable(model: nn.Module, fabric: Any = None) -> None:
@@ -98,8 +157,7 @@ def check_servable(model: nn.Module, fabric: Any = None) -> None:
     # train something else); FSDP2 is served by the Trainer's ModelParallelStrategy adapter, not here.
     if fabric is not None:
         strategy = type(fabric.strategy)
-        names = {cls.__name__ for cls in strategy.__mro__}
-        servable = "SingleDeviceStrategy" in names or ("DDPStrategy" in names and not names & _NOT_DDP_WRAPPERS)
+        servable = any(cls.__name__ == "SingleDeviceStrategy" for cls in strategy.__mro__) or wraps_in_ddp(fabric.strategy)
         if not servable:
             raise ValueError(
                 f"LayerDropBack(fabric=...) does not support Fabric's {strategy.__name__}: LDB drops layers by setting"
@@ -122,7 +180,7 @@ def find_ddp_wrapper(model: nn.Module) -> Optional[DistributedDataParallel]:
     return next((m for m in model.modules() if isinstance(m, DistributedDataParallel)), None)
 
 
-class ProcessGroupSync:
+class ProcessGroupSync(CheckedSync):
     """Keeps the ranks of a ``torch.distributed`` run (Fabric, or a user-built DDP) in step with LDB.
 
     Args:
@@ -134,9 +192,9 @@ class ProcessGroupSync:
     """
 
     def __init__(self, model: nn.Module, resample: str, fabric: Any = None) -> None:
+        super().__init__(resample)
         self.model = model
         self.fabric = fabric
-        self.check = CrossRankDrawCheck(per_draw=resample == "epoch")
         self._hooked: Optional[DistributedDataParallel] = None
 
     @property
@@ -166,17 +224,6 @@ class ProcessGroupSync:
         """
         self._prepare_wrapper()
 
-    def on_trainable_set_changed(self, draw_key: Optional[DrawKey], dropped: tuple[str, ...]) -> None:
-        """Check that every rank drew the same.
-
-        Raises:
-            RuntimeError: If the ranks disagree on the dropped units (raised on every rank).
-        """
-        if draw_key is None:
-            self.check.on_release(self)
-        else:
-            self.check.on_draw(self, draw_key, dropped)
-
     def close(self) -> None:
         self._hooked = None
 
@@ -202,7 +249,7 @@ class ProcessGroupSync:
                 stacklevel=2,
             )
         else:
-            wrapper.register_comm_hook(state=wrapper.process_group, hook=allreduce_trainable_only)
+            register_trainable_only_hook(wrapper)
         self._hooked = wrapper
 
     def _rewrap(self, wrapper: DistributedDataParallel) -> DistributedDataParallel:
@@ -225,6 +272,11 @@ class ProcessGroupSync:
         _compat.replace_fabric_forward_module(self.model, wrapper, new)
         _compat.remove_ddp_autograd_hooks(wrapper)
         return new
+
+
+def register_trainable_only_hook(wrapper: DistributedDataParallel) -> None:
+    """Register :func:`allreduce_trainable_only` on ``wrapper`` (DDP accepts one hook per wrapper)."""
+    wrapper.register_comm_hook(state=wrapper.process_group, hook=allreduce_trainable_only)
 
 
 def allreduce_trainable_only(

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -24,10 +26,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
 from lightning_ldb import LayerDropBackCallback
-from lightning_ldb.ddp import DDPAdapter
 from lightning_ldb.distributed import draw_digest
 from torch.nn.parallel import DistributedDataParallel
-from lightning_ldb.strategies import adapter_for
+from lightning_ldb.schedule import Settings
+from lightning_ldb.strategies import strategy_sync
+from lightning_ldb.undo import UndoList
 
 SCRIPTS = Path(__file__).parent / "ddp_scripts"
 MULTINODE = Path(__file__).resolve().parent.parent / "examples" / "multinode"
@@ -335,16 +338,9 @@ def test_a_users_comm_hook_keeps_one_wrapper_with_find_unused_parameters(single_
 
 
 def test_sharded_strategies_are_refused_with_the_fix():
-    # FSDP needs a GPU in Lightning, so no CPU run can reach setup: the adapter choice is tested on its own.
+    # FSDP needs a GPU in Lightning, so no CPU run can reach setup: the strategy's sync is asked for on its own.
     with pytest.raises(ValueError, match=r"does not support strategy FSDPStrategy.*strategy='ddp'"):
-        adapter_for(FSDPStrategy(), "epoch")
-
-
-def test_ddp_strategies_get_the_ddp_adapter_with_the_method_for_their_resample_mode():
-    for resample in ("epoch", "step"):
-        adapter = adapter_for(DDPStrategy(), resample)
-        assert isinstance(adapter, DDPAdapter)
-        assert adapter.check.per_draw == (resample == "epoch")
+        strategy_sync(SimpleNamespace(strategy=FSDPStrategy()), TinyMLP(), Settings(), UndoList())
 
 
 def test_draw_digest_depends_on_key_and_names():

@@ -18,10 +18,10 @@ import torch
 from helpers import TinyMLP, printed_recipe_config, run_two_process_script
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, XLAStrategy
 
-from lightning_ldb.fsdp import FSDP2Adapter, tensor_parallel_size
 from lightning_ldb.layers import discover_layers
 from lightning_ldb.schedule import draw_dropped
-from lightning_ldb.strategies import adapter_for
+from lightning_ldb.schedule import Settings
+from lightning_ldb.strategies import FSDP2StrategySync, strategy_sync, tensor_parallel_size
 from lightning_ldb.undo import UndoList
 
 SCRIPTS = Path(__file__).parent / "ddp_scripts"
@@ -181,13 +181,6 @@ def test_ranks_that_disagree_on_the_draw_fail_together_before_training_on_it_and
 
 
 # ---------------------------------------------------------------------------------------------- which strategies
-def test_model_parallel_strategy_gets_the_fsdp2_adapter_for_either_resample_mode():
-    for resample in ("epoch", "step"):
-        adapter = adapter_for(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), resample)
-        assert isinstance(adapter, FSDP2Adapter)
-        assert adapter.check.per_draw == (resample == "epoch")
-
-
 class FakeMesh:
     """DeviceMesh's interface as ModelParallelStrategy builds it: named dimensions with sizes."""
 
@@ -202,12 +195,10 @@ class FakeMesh:
 def test_tensor_parallelism_is_refused_in_setup_naming_the_supported_configuration():
     trainer = SimpleNamespace(strategy=SimpleNamespace(device_mesh=FakeMesh(data_parallel=2, tensor_parallel=4)))
     with pytest.raises(ValueError, match=r"tensor_parallel_size=4.*data_parallel_size=.*tensor_parallel_size=1"):
-        FSDP2Adapter(resample="epoch").setup(trainer, TinyMLP(), UndoList())
-    FSDP2Adapter(resample="epoch").setup(
-        SimpleNamespace(strategy=SimpleNamespace(device_mesh=FakeMesh(data_parallel=8, tensor_parallel=1))),
-        TinyMLP(),
-        UndoList(),
-    )
+        FSDP2StrategySync(trainer, "epoch").setup(TinyMLP(), UndoList())
+    FSDP2StrategySync(
+        SimpleNamespace(strategy=SimpleNamespace(device_mesh=FakeMesh(data_parallel=8, tensor_parallel=1))), "epoch"
+    ).setup(TinyMLP(), UndoList())
     assert tensor_parallel_size(FakeMesh(data_parallel=8)) == 1
 
 
@@ -220,14 +211,9 @@ def test_other_sharded_strategies_are_refused_naming_model_parallel_with_fully_s
     # Built without __init__: DeepSpeed and XLA need their packages to construct; the choice only reads the type.
     instance = strategy.__new__(strategy)
     with pytest.raises(ValueError, match=rf"does not support strategy {strategy.__name__}.*ModelParallelStrategy\("):
-        adapter_for(instance, "epoch")
+        strategy_sync(SimpleNamespace(strategy=instance), TinyMLP(), Settings(), UndoList())
     with pytest.raises(ValueError, match=r"fully_shard"):
-        adapter_for(instance, "epoch")
-
-
-def test_the_adapter_rejects_an_unknown_resample_mode():
-    with pytest.raises(ValueError, match=r"resample='often'.*'epoch' or 'step'"):
-        FSDP2Adapter(resample="often")
+        strategy_sync(SimpleNamespace(strategy=instance), TinyMLP(), Settings(), UndoList())
 
 
 # ---------------------------------------------------------------------------------------------- multi-node recipe

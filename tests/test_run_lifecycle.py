@@ -226,7 +226,7 @@ BELOW_THE_ENGINE = [
 ]  # fmt: skip
 #: The Lightning integrations and the callback.
 LIGHTNING_SIDE = {
-    "lightning_ldb.callback", "lightning_ldb.ddp", "lightning_ldb.fsdp", "lightning_ldb.strategies",
+    "lightning_ldb.callback", "lightning_ldb.strategies",
     "lightning_ldb.datamodule", "lightning_ldb.steps", "lightning_ldb.composition", "lightning_ldb.cli",
 }  # fmt: skip
 
