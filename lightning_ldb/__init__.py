@@ -4,12 +4,11 @@ The public API is what this module exports; everything else is internal and may 
 """
 
 from lightning_ldb._compat import CompatibilityError
+from lightning_ldb.batching import LDBDataModuleMixin, estimated_stepping_batches
 from lightning_ldb.branches import branch_from_names
 from lightning_ldb.callback import LayerDropBackCallback
-from lightning_ldb.datamodule import LDBDataModuleMixin
 from lightning_ldb.engine import LayerDropBack
 from lightning_ldb.schedule import Settings
-from lightning_ldb.steps import estimated_stepping_batches
 
 __version__ = "0.1.0"
 

@@ -125,6 +125,27 @@ def train_data_source(trainer: Any) -> Any:
     return _get(source, "instance", "LDB cannot tell which object supplies the train loader")
 
 
+def setup_train_data(trainer: Any) -> None:
+    """Build the train loader now if it is not built yet: the call Lightning's own ``estimated_stepping_batches`` makes."""
+    setup = _get(trainer.fit_loop, "setup_data", "LDB cannot build the train loader to count the optimizer steps")
+    setup()
+
+
+def batches_carried_from_last_batch(trainer: Any) -> int:
+    """How many batches Lightning carries into ``current_epoch`` from a checkpoint saved on the previous epoch's last
+    batch (``0``: the checkpoint was not saved there, or this is no resume). Reads the loop's progress, never writes."""
+    consequence = "LDB cannot warn about a resume from the last batch of a DROP epoch, which runs short"
+    loop = _get(trainer.fit_loop, "epoch_loop", consequence, required=False)
+    progress = _get(loop, "batch_progress", consequence, required=False) if loop is not None else None
+    if progress is None:
+        return 0
+    restarted = _get(loop, "restarted_on_train_batch_end", consequence, required=False, default=False)
+    last = _get(progress, "is_last_batch", consequence, required=False, default=False)
+    current = _get(progress, "current", consequence, required=False)
+    carried = _get(current, "ready", consequence, required=False, default=0) if current is not None else 0
+    return int(carried) if restarted and last and carried else 0
+
+
 # ---------------------------------------------------------------------------------------------- callbacks
 def checkpoint_triggers_on_steps(checkpoint: Any) -> bool:
     """Whether a ``ModelCheckpoint`` saves every n train steps or on a train-time interval."""

@@ -22,18 +22,12 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_ldb import _compat, composition
-from lightning_ldb.datamodule import (
-    GradientAccumulationScaler,
-    LDBDataModuleMixin,
-    TrainLoaderReloader,
-    attach_batch_schedule,
-    schedule_for,
-)
-from lightning_ldb.engine import LayerDropBack
-from lightning_ldb.dropping import refuse_optimizers_that_move_dropped_parameters
-from lightning_ldb.schedule import DROP, FULL, Settings
+from lightning_ldb import batching, composition
+from lightning_ldb.batching import GradientAccumulationScaler, TrainLoaderReloader
 from lightning_ldb.distributed import Sync
+from lightning_ldb.dropping import refuse_optimizers_that_move_dropped_parameters
+from lightning_ldb.engine import LayerDropBack
+from lightning_ldb.schedule import DROP, FULL, Settings
 from lightning_ldb.strategies import strategy_sync
 from lightning_ldb.timing import EpochTimer
 from lightning_ldb.undo import UndoList
@@ -209,12 +203,12 @@ class LayerDropBackCallback(Callback):
             sync = strategy_sync(trainer, pl_module, self.settings, undo)  # before the strategy wraps the model
             engine = LayerDropBack(pl_module, (), **self.settings.engine_arguments(), sync=sync)
             undo.callback(engine.close)
-            reloader = _attach_batch_schedule(trainer, pl_module, self.settings.every, self.settings.batch_scale, self.settings.batch_scaling, undo)
+            reloader = batching.attach(trainer, pl_module, self.settings.every, self.settings.batch_scale, self.settings.batch_scaling, undo)
             engine.batch_scaled = isinstance(reloader, TrainLoaderReloader)
             fit = _Fit(engine, sync, undo.pop_all(), reloader=reloader)  # set up: the fit owns the undo list now
         self._fit = fit
         if fit.batch_scaling_active:
-            composition.warn_if_step_checkpoints(trainer, self.settings.batch_scale)
+            batching.warn_if_step_checkpoints(trainer, self.settings.batch_scale)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         engine = self._require_fit().engine
@@ -232,7 +226,7 @@ class LayerDropBackCallback(Callback):
         if fit.reloader is not None:
             fit.reloader.on_train_start(trainer)
         if fit.batch_scaling_active:
-            composition.warn_if_resumed_short_epoch(trainer, self.settings.every)
+            batching.warn_if_resumed_short_epoch(trainer, self.settings.every)
         fit.engine.start_epoch(trainer.current_epoch)
         fit.timer.start()
 
@@ -365,47 +359,3 @@ class _Setting:
 for _field in fields(Settings):
     if _field.name != "seed":  # ``seed`` is the seed in use, ``seed_argument`` the argument
         setattr(LayerDropBackCallback, _field.name, _Setting(_field.name))
-
-
-def _attach_batch_schedule(
-    trainer: Trainer, pl_module: LightningModule, every: int, batch_scale: int, scaling: str, undo: UndoList
-) -> Optional[Union[TrainLoaderReloader, GradientAccumulationScaler]]:
-    """Hand the fit's batch schedule to what changes the batch: the train loader's source if it is a mixin, or (with
-    ``batch_scaling="accumulate"``) the trainer's accumulation."""
-    if batch_scale == 1:
-        return None
-    schedule = schedule_for(trainer, every, batch_scale, scaling)
-    if scaling == "accumulate":  # no mixin: the loader keeps its batches, Lightning accumulates them
-        composition.check_accumulate_scaling(pl_module, batch_scale)
-        return GradientAccumulationScaler(trainer, schedule, undo)
-    source = _compat.train_data_source(trainer)
-    if attach_batch_schedule(source, schedule, undo):
-        return TrainLoaderReloader(trainer, schedule, undo)
-    mixins = [obj for obj in (_datamodule(trainer), pl_module) if isinstance(obj, LDBDataModuleMixin)]
-    if mixins:
-        why = (
-            f" {type(mixins[0]).__name__} uses `LDBDataModuleMixin`, but the train loader comes from"
-            f" {_describe_source(source)}. Put the mixin on the object that supplies the train loader,"
-        )
-    else:
-        why = (
-            " neither the DataModule nor the LightningModule uses `LDBDataModuleMixin`. Put"
-            " `LDBDataModuleMixin` first among its bases (see the README),"
-        )
-    rank_zero_warn(
-        f"LayerDropBackCallback(batch_scale={batch_scale}): the DROP-epoch batch size stays unscaled, because"
-        f"{why} or pass batch_scale=1."
-    )
-    return None
-
-
-def _describe_source(source: Any) -> str:
-    if isinstance(source, LightningModule) or hasattr(source, "train_dataloader"):
-        return f"{type(source).__name__}.train_dataloader()"
-    if isinstance(source, Sequence) or source is None:
-        return "the loaders passed to `fit`"
-    return f"the {type(source).__name__} passed to `fit`"
-
-
-def _datamodule(trainer: Trainer) -> Any:
-    return trainer.datamodule  # type: ignore[attr-defined]  # a Trainer property the stubs do not show

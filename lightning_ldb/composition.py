@@ -9,57 +9,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
 from lightning_ldb import _compat
 from lightning_ldb.branches import Branch, describe_branches, unrecognised_note
 from lightning_ldb.dropping import Unit, compiled_holders, describe_compiled, recompile_warning
-from lightning_ldb.schedule import is_drop_epoch
-
-
-def warn_if_step_checkpoints(trainer: Trainer, batch_scale: int) -> None:
-    """Warn that step-triggered checkpoints saved on a DROP epoch's last batch resume short (batch scaling on)."""
-    # Lightning places a checkpoint saved on an epoch's last batch by comparing the batches done with the
-    # length of the epoch it resumes into. With DROP epochs shorter, the FULL epoch after one resumes as if
-    # mid-epoch and runs short. No public hook can correct Lightning's count, so say so up front.
-    by_step = [
-        cb
-        for cb in trainer.checkpoint_callbacks
-        if isinstance(cb, ModelCheckpoint) and _compat.checkpoint_triggers_on_steps(cb)
-    ]
-    if by_step:
-        rank_zero_warn(
-            f"LayerDropBackCallback(batch_scale={batch_scale}) with ModelCheckpoint(every_n_train_steps=... or"
-            " train_time_interval=...): a checkpoint saved on the last batch of a DROP epoch does not resume"
-            " correctly. Lightning compares the batches done with the length of the next, longer epoch and"
-            " resumes that epoch as if its first batches had run, so it runs short (LDB warns again if you resume"
-            " from such a checkpoint). Checkpoints saved at the end of an epoch, or anywhere else within one,"
-            " resume correctly."
-        )
-
-
-def warn_if_resumed_short_epoch(trainer: Trainer, every: int) -> None:
-    """Warn when this resume is from a checkpoint saved on the last batch of a DROP epoch (batch scaling on)."""
-    # The case ``warn_if_step_checkpoints`` announces, detected on resume. Lightning's loop progress is read
-    # (never written): ``restarted_on_train_batch_end`` with ``is_last_batch`` means the checkpoint was saved
-    # on the last batch of the epoch before ``current_epoch``, and Lightning carries its position over.
-    epoch = trainer.current_epoch
-    if epoch == 0:
-        return
-    loop = trainer.fit_loop.epoch_loop
-    carried = loop.batch_progress.current.ready
-    if not (loop.restarted_on_train_batch_end and loop.batch_progress.is_last_batch and carried):
-        return
-    if is_drop_epoch(epoch - 1, every) and not is_drop_epoch(epoch, every):
-        rank_zero_warn(
-            f"LayerDropBackCallback: this checkpoint was saved on the last batch of DROP epoch {epoch - 1}"
-            f" ({carried} batches). Lightning resumes epoch {epoch}, a longer full epoch, as if its first"
-            f" {carried} batches had already run, so epoch {epoch} runs short by {carried} batches. Resume from"
-            " the end-of-epoch checkpoint of that epoch instead to train every batch."
-        )
 
 
 def warn_if_all_droppable(pl_module: LightningModule, candidates: Sequence[Unit], drop_rate: float) -> None:
@@ -158,21 +114,4 @@ def report_branches(pl_module: LightningModule, settings: Any, branches: Sequenc
     if note:
         rank_zero_warn(
             f"LayerDropBackCallback(backward='block'):{note} None of their layers is dropped: only branches are."
-        )
-
-
-def check_accumulate_scaling(pl_module: LightningModule, batch_scale: int) -> None:
-    """Refuse ``batch_scaling="accumulate"`` where Lightning does not accumulate: manual optimization.
-
-    Raises:
-        ValueError: If the LightningModule uses manual optimization.
-    """
-    # Lightning ignores ``accumulate_grad_batches`` under manual optimization (it refuses a value != 1 at
-    # fit start, before LDB changes it): the DROP epochs would step every micro-batch with the scaled LR.
-    if not pl_module.automatic_optimization:
-        raise ValueError(
-            f"LayerDropBackCallback(batch_scaling='accumulate', batch_scale={batch_scale}) needs automatic"
-            f" optimization, but {type(pl_module).__name__} sets `automatic_optimization = False`, so Lightning does"
-            " not accumulate gradients. Use batch_scaling='loader' with `LDBDataModuleMixin`, accumulate in your"
-            " `training_step` yourself, or pass batch_scale=1."
         )

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 from lightning_ldb import LayerDropBackCallback, LDBDataModuleMixin
-from lightning_ldb.steps import optimizer_steps_per_epoch
+from lightning_ldb.batching import optimizer_steps_per_epoch
 
 
 class BatchSizes(Callback):

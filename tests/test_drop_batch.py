@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch import nn
 from torch.utils.data import DataLoader
 
-import lightning_ldb.datamodule
+import lightning_ldb.batching
 from lightning_ldb import LayerDropBackCallback, LDBDataModuleMixin
 
 
@@ -182,7 +182,7 @@ class RandomDataModule(TinyDataModule):
 
 def _fit_random(monkeypatch, check: bool):
     if not check:
-        monkeypatch.setattr(lightning_ldb.datamodule, "check_drop_epoch_loader", lambda source, epoch: None)
+        monkeypatch.setattr(lightning_ldb.batching, "check_drop_epoch_loader", lambda source, epoch: None)
     lightning.seed_everything(3)
     batches: list[torch.Tensor] = []
 

@@ -19,7 +19,7 @@ from lightning_ldb.schedule import is_drop_epoch
 from lightning_ldb.dropping import ParameterFreezer
 from lightning_ldb.layers import Layer
 from lightning_ldb.lr_scaling import StepLRScaler
-from lightning_ldb.steps import optimizer_steps_per_epoch
+from lightning_ldb.batching import optimizer_steps_per_epoch
 
 FAST = settings(max_examples=60, deadline=None)
 

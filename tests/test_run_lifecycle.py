@@ -227,7 +227,7 @@ BELOW_THE_ENGINE = [
 #: The Lightning integrations and the callback.
 LIGHTNING_SIDE = {
     "lightning_ldb.callback", "lightning_ldb.strategies",
-    "lightning_ldb.datamodule", "lightning_ldb.steps", "lightning_ldb.composition", "lightning_ldb.cli",
+    "lightning_ldb.batching", "lightning_ldb.composition", "lightning_ldb.cli",
 }  # fmt: skip
 
 

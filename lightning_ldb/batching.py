@@ -1,21 +1,26 @@
-"""The DROP-epoch batch size: ``LDBDataModuleMixin``.
+"""The DROP-epoch batch under the Trainer: ``LDBDataModuleMixin``, the train-loader reload, the accumulation,
+``estimated_stepping_batches``, and their checks.
 
 Lightning builds the train loader *before* ``on_train_epoch_start``, and inside ``train_dataloader()``
-``trainer.current_epoch`` is already the epoch being loaded: so the batch size is chosen there, not
-by the callback at epoch start (which would be one epoch late).
+``trainer.current_epoch`` is already the epoch being loaded: so the batch size is chosen there, not by the callback at
+epoch start (which would be one epoch late). ``trainer.estimated_stepping_batches`` assumes every epoch is as long as
+the first; :func:`estimated_stepping_batches` counts each epoch with its own batch size.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import random
-from collections.abc import Iterator, Mapping
-from typing import Any, Callable, Optional
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Callable, Optional, Union
 
 import torch
-from lightning.pytorch import Trainer
-from lightning.pytorch.utilities import CombinedLoader
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
+from torch.utils.data import DataLoader
 
 from lightning_ldb import _compat
 from lightning_ldb.schedule import BatchSchedule, is_drop_epoch
@@ -406,3 +411,202 @@ def _batch_size_holders(obj: Any) -> list[tuple[Any, str]]:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+# ------------------------------------------------------------------------------------------------ the fit's wiring
+def attach(
+    trainer: Trainer, pl_module: LightningModule, every: int, batch_scale: int, scaling: str, undo: UndoList
+) -> Optional[Union[TrainLoaderReloader, GradientAccumulationScaler]]:
+    """Hand the fit's batch schedule to what changes the batch: the train loader's source if it is a mixin, or (with
+    ``batch_scaling="accumulate"``) the trainer's accumulation."""
+    if batch_scale == 1:
+        return None
+    schedule = schedule_for(trainer, every, batch_scale, scaling)
+    if scaling == "accumulate":  # no mixin: the loader keeps its batches, Lightning accumulates them
+        check_accumulate_scaling(pl_module, batch_scale)
+        return GradientAccumulationScaler(trainer, schedule, undo)
+    source = _compat.train_data_source(trainer)
+    if attach_batch_schedule(source, schedule, undo):
+        return TrainLoaderReloader(trainer, schedule, undo)
+    mixins = [obj for obj in (_datamodule(trainer), pl_module) if isinstance(obj, LDBDataModuleMixin)]
+    if mixins:
+        why = (
+            f" {type(mixins[0]).__name__} uses `LDBDataModuleMixin`, but the train loader comes from"
+            f" {_describe_source(source)}. Put the mixin on the object that supplies the train loader,"
+        )
+    else:
+        why = (
+            " neither the DataModule nor the LightningModule uses `LDBDataModuleMixin`. Put"
+            " `LDBDataModuleMixin` first among its bases (see the README),"
+        )
+    rank_zero_warn(
+        f"LayerDropBackCallback(batch_scale={batch_scale}): the DROP-epoch batch size stays unscaled, because"
+        f"{why} or pass batch_scale=1."
+    )
+    return None
+
+
+def _describe_source(source: Any) -> str:
+    if isinstance(source, LightningModule) or hasattr(source, "train_dataloader"):
+        return f"{type(source).__name__}.train_dataloader()"
+    if isinstance(source, Sequence) or source is None:
+        return "the loaders passed to `fit`"
+    return f"the {type(source).__name__} passed to `fit`"
+
+
+def _datamodule(trainer: Trainer) -> Any:
+    return trainer.datamodule  # type: ignore[attr-defined]  # a Trainer property the stubs do not show
+
+
+def check_accumulate_scaling(pl_module: LightningModule, batch_scale: int) -> None:
+    """Refuse ``batch_scaling="accumulate"`` where Lightning does not accumulate: manual optimization.
+
+    Raises:
+        ValueError: If the LightningModule uses manual optimization.
+    """
+    # Lightning ignores ``accumulate_grad_batches`` under manual optimization (it refuses a value != 1 at
+    # fit start, before LDB changes it): the DROP epochs would step every micro-batch with the scaled LR.
+    if not pl_module.automatic_optimization:
+        raise ValueError(
+            f"LayerDropBackCallback(batch_scaling='accumulate', batch_scale={batch_scale}) needs automatic"
+            f" optimization, but {type(pl_module).__name__} sets `automatic_optimization = False`, so Lightning does"
+            " not accumulate gradients. Use batch_scaling='loader' with `LDBDataModuleMixin`, accumulate in your"
+            " `training_step` yourself, or pass batch_scale=1."
+        )
+
+
+def warn_if_step_checkpoints(trainer: Trainer, batch_scale: int) -> None:
+    """Warn that step-triggered checkpoints saved on a DROP epoch's last batch resume short (batch scaling on)."""
+    # Lightning places a checkpoint saved on an epoch's last batch by comparing the batches done with the
+    # length of the epoch it resumes into. With DROP epochs shorter, the FULL epoch after one resumes as if
+    # mid-epoch and runs short. No public hook can correct Lightning's count, so say so up front.
+    by_step = [
+        cb
+        for cb in trainer.checkpoint_callbacks
+        if isinstance(cb, ModelCheckpoint) and _compat.checkpoint_triggers_on_steps(cb)
+    ]
+    if by_step:
+        rank_zero_warn(
+            f"LayerDropBackCallback(batch_scale={batch_scale}) with ModelCheckpoint(every_n_train_steps=... or"
+            " train_time_interval=...): a checkpoint saved on the last batch of a DROP epoch does not resume"
+            " correctly. Lightning compares the batches done with the length of the next, longer epoch and"
+            " resumes that epoch as if its first batches had run, so it runs short (LDB warns again if you resume"
+            " from such a checkpoint). Checkpoints saved at the end of an epoch, or anywhere else within one,"
+            " resume correctly."
+        )
+
+
+def warn_if_resumed_short_epoch(trainer: Trainer, every: int) -> None:
+    """Warn when this resume is from a checkpoint saved on the last batch of a DROP epoch (batch scaling on)."""
+    # The case ``warn_if_step_checkpoints`` announces, detected on resume. Lightning's loop progress is read
+    # (never written): ``restarted_on_train_batch_end`` with ``is_last_batch`` means the checkpoint was saved
+    # on the last batch of the epoch before ``current_epoch``, and Lightning carries its position over.
+    epoch = trainer.current_epoch
+    if epoch == 0:
+        return
+    carried = _compat.batches_carried_from_last_batch(trainer)
+    if not carried:
+        return
+    if is_drop_epoch(epoch - 1, every) and not is_drop_epoch(epoch, every):
+        rank_zero_warn(
+            f"LayerDropBackCallback: this checkpoint was saved on the last batch of DROP epoch {epoch - 1}"
+            f" ({carried} batches). Lightning resumes epoch {epoch}, a longer full epoch, as if its first"
+            f" {carried} batches had already run, so epoch {epoch} runs short by {carried} batches. Resume from"
+            " the end-of-epoch checkpoint of that epoch instead to train every batch."
+        )
+
+
+# ------------------------------------------------------------------------------------------------ optimizer steps
+def optimizer_steps_per_epoch(samples: int, batch_size: int, drop_last: bool, limit_batches: Union[int, float], accumulate: int) -> int:
+    """Optimizer steps of one epoch of ``samples`` (per device) in batches of ``batch_size``.
+
+    ``limit_batches`` is Lightning's ``limit_train_batches`` (an int caps the batch count, a float keeps
+    that fraction), and an incomplete accumulation window at the end of an epoch still steps.
+
+    Example::
+
+        >>> optimizer_steps_per_epoch(100, 16, drop_last=False, limit_batches=1.0, accumulate=1)
+        7
+        >>> optimizer_steps_per_epoch(100, 16, drop_last=True, limit_batches=1.0, accumulate=2)
+        3
+        >>> optimizer_steps_per_epoch(100, 16, drop_last=False, limit_batches=0.5, accumulate=1)
+        3
+    """
+    batches = samples // batch_size if drop_last else math.ceil(samples / batch_size)
+    if isinstance(limit_batches, int):
+        batches = min(batches, limit_batches)
+    else:
+        batches = int(batches * limit_batches)
+    return math.ceil(batches / accumulate)
+
+
+def estimated_stepping_batches(trainer: Trainer) -> Union[int, float]:
+    """The number of optimizer steps the whole fit takes under the LDB schedule.
+
+    Call it where you would call ``trainer.estimated_stepping_batches``, e.g. in ``configure_optimizers``
+    for ``OneCycleLR(total_steps=...)``. It accounts for ``max_epochs``, ``max_steps``,
+    ``limit_train_batches``, ``accumulate_grad_batches``, ``drop_last`` and the world size (through the
+    distributed sampler Lightning injects). With ``batch_scaling="accumulate"`` DROP epochs are counted with
+    their multiplied ``accumulate_grad_batches``. Without a :class:`~lightning_ldb.LayerDropBackCallback`, or
+    when batch scaling is off, every epoch has the same length and Lightning's own estimate is exact.
+
+    Raises:
+        ValueError: If loader batch scaling is active and the train loader has no length or no ``batch_size``
+            (an ``IterableDataset``, a custom batch sampler, several train loaders).
+    """
+    accumulating = accumulation_schedule_of(trainer)
+    if accumulating is not None:
+        return _accumulated_steps(trainer, accumulating)
+    schedule = batch_schedule_of(_compat.train_data_source(trainer))
+    if schedule is None:
+        return trainer.estimated_stepping_batches
+    max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
+    if (max_epochs is None or max_epochs == -1) and max_steps == -1:
+        return float("inf")
+    # The same call Lightning's own estimate makes: build the train loader now if it is not built yet.
+    _compat.setup_train_data(trainer)
+    loader = trainer.train_dataloader
+    if not isinstance(loader, DataLoader) or loader.batch_size is None or not _has_len(loader.sampler):
+        raise ValueError(
+            "lightning_ldb.estimated_stepping_batches needs a single map-style train DataLoader built with"
+            f" `batch_size=` to count DROP epochs, got {type(loader).__name__}. Count the steps yourself or pass"
+            " batch_scale=1."
+        )
+    samples = len(loader.sampler)  # type: ignore[arg-type]  # per device, once Lightning has injected its DistributedSampler
+    loaded_epoch = trainer.current_epoch  # the loader was built for this epoch's batch size
+    base = schedule.base_size(loaded_epoch, loader.batch_size)
+    def steps(epoch: int) -> int:
+        return optimizer_steps_per_epoch(
+            samples,
+            schedule.batch_size(epoch, base),
+            loader.drop_last,
+            schedule.limit_batches(epoch),  # type: ignore[arg-type]  # the trainer's, never None
+            schedule.accumulate(epoch),
+        )
+
+    if max_epochs is None or max_epochs == -1:
+        return max_steps
+    total = sum(steps(epoch) for epoch in range(max_epochs))
+    return min(total, max_steps) if max_steps != -1 else total
+
+
+def _accumulated_steps(trainer: Trainer, schedule: BatchSchedule) -> Union[int, float]:
+    # Every epoch has the same batches (the loader is unchanged); DROP epochs step once per more of them.
+    max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
+    if max_epochs is None or max_epochs == -1:
+        return float("inf") if max_steps == -1 else max_steps
+    if trainer.train_dataloader is None:
+        _compat.setup_train_data(trainer)
+    batches = trainer.num_training_batches  # per device, with limit_train_batches applied
+    if batches == float("inf"):
+        return max_steps  # as Lightning's own estimate (an iterable dataset: -1 without max_steps)
+    total = sum(math.ceil(batches / schedule.accumulate(epoch)) for epoch in range(max(max_epochs, 1)))
+    return min(total, max_steps) if max_steps != -1 else total
+
+
+def _has_len(obj: object) -> bool:
+    try:
+        len(obj)  # type: ignore[arg-type]
+    except TypeError:
+        return False
+    return True
