@@ -156,6 +156,12 @@ def checkpoint_triggers_on_steps(checkpoint: Any) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- argparse
+def subcommand_parser(cli: Any, subcommand: Optional[str]) -> Any:
+    """The parser of ``subcommand`` (``None``: the main one) of a ``LightningCLI`` (its private ``_parser``)."""
+    parser = _get(cli, "_parser", "`ldb` cannot name the parser in a short error message")
+    return parser(subcommand)
+
+
 def subcommand_choice_actions(parser: Any) -> list[Any]:
     """The actions that hold each subcommand's one-line help in ``parser`` (argparse has no public accessor)."""
     import argparse

@@ -14,27 +14,68 @@ layer another callback froze there is not a candidate); ``on_train_epoch_end`` l
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional, Union
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_ldb import batching, composition
+from lightning_ldb import batching
 from lightning_ldb.batching import GradientAccumulationScaler, TrainLoaderReloader
+from lightning_ldb.branches import Branch, describe_branches, unrecognised_note
 from lightning_ldb.distributed import Sync
 from lightning_ldb.dropping import refuse_optimizers_that_move_dropped_parameters
 from lightning_ldb.engine import LayerDropBack
 from lightning_ldb.schedule import DROP, FULL, Settings
 from lightning_ldb.strategies import strategy_sync
-from lightning_ldb.timing import EpochTimer
 from lightning_ldb.undo import UndoList
 
 #: The arguments that decide what a run drops (every setting but the seed); a checkpoint made with other values warns
 #: on resume.
 _CONFIG_KEYS = tuple(f.name for f in fields(Settings) if f.name != "seed")
+
+
+class EpochTimer:
+    """The callback's ``ldb/epoch_time``: wall-clock seconds of a training epoch, validation inside the epoch excluded.
+
+    Two clock reads per epoch and two per validation run, nothing per step and no device synchronisation, so it costs
+    the training loop nothing; on a GPU it is therefore approximate (queued kernels may be billed to the next epoch).
+
+    Example::
+
+        >>> timer = EpochTimer()
+        >>> timer.start(); timer.pause(); timer.resume(); timer.stop() >= 0.0
+        True
+    """
+
+    def __init__(self) -> None:
+        self._elapsed = 0.0
+        self._start: Optional[float] = None
+        self._paused_at: Optional[float] = None
+        self._paused = 0.0
+
+    def start(self) -> None:
+        self._elapsed, self._paused, self._paused_at = 0.0, 0.0, None
+        self._start = time.perf_counter()
+
+    def pause(self) -> None:
+        if self._start is not None:
+            self._paused_at = time.perf_counter()
+
+    def resume(self) -> None:
+        if self._paused_at is not None:
+            self._paused += time.perf_counter() - self._paused_at
+            self._paused_at = None
+
+    def stop(self) -> float:
+        """The epoch's seconds so far, validation excluded (``0.0`` if it never started)."""
+        if self._start is not None:
+            self.resume()
+            self._elapsed = time.perf_counter() - self._start - self._paused
+        return self._elapsed
 
 
 @dataclass
@@ -204,7 +245,7 @@ class LayerDropBackCallback(Callback):
             engine = LayerDropBack(pl_module, (), **self.settings.engine_arguments(), sync=sync)
             undo.callback(engine.close)
             reloader = batching.attach(trainer, pl_module, self.settings.every, self.settings.batch_scale, self.settings.batch_scaling, undo)
-            engine.batch_scaled = isinstance(reloader, TrainLoaderReloader)
+            engine._batch_scaled = isinstance(reloader, TrainLoaderReloader)
             fit = _Fit(engine, sync, undo.pop_all(), reloader=reloader)  # set up: the fit owns the undo list now
         self._fit = fit
         if fit.batch_scaling_active:
@@ -212,12 +253,10 @@ class LayerDropBackCallback(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         engine = self._require_fit().engine
-        engine.discover()  # modules made in ``configure_model`` exist now
+        engine._discover()  # modules made in ``configure_model`` exist now
         refuse_optimizers_that_move_dropped_parameters(trainer.optimizers)  # they exist now: fail before a step
-        composition.report_branches(pl_module, self.settings, getattr(engine.units, "branches", ()))
-        composition.warn_if_compiled(pl_module, engine.candidates)
-        composition.warn_if_all_droppable(pl_module, engine.candidates, self.settings.drop_rate)
-        composition.warn_if_an_optimizer_can_lose_all_its_layers(trainer.optimizers, engine.candidates, self.settings.drop_rate)
+        report_branches(pl_module, self.settings, engine._units.branches)
+        engine._warn_about_composition(trainer.optimizers, "LayerDropBackCallback")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Optimizers exist now, and a mid-epoch resume skips ``on_train_epoch_start``, so the epoch is entered here too.
@@ -227,7 +266,7 @@ class LayerDropBackCallback(Callback):
             fit.reloader.on_train_start(trainer)
         if fit.batch_scaling_active:
             batching.warn_if_resumed_short_epoch(trainer, self.settings.every)
-        fit.engine.start_epoch(trainer.current_epoch)
+        fit.engine._start_epoch(trainer.current_epoch)
         fit.timer.start()
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -237,13 +276,13 @@ class LayerDropBackCallback(Callback):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # Whatever went wrong (KeyboardInterrupt included), leave every flag, lr and setting as the user set them.
         if self._fit is not None:
-            composition.note_dropped_layers(exception, self._fit.engine.dropped_layers)
+            self._fit.engine._note_dropped_layers(exception, "LayerDropBackCallback")
         self._close_fit()
 
     # ------------------------------------------------------------------ per epoch and step
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         fit = self._require_fit()
-        fit.engine.start_epoch(trainer.current_epoch)
+        fit.engine._start_epoch(trainer.current_epoch)
         fit.timer.start()
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -253,22 +292,22 @@ class LayerDropBackCallback(Callback):
         # Optimizers made during fit (a callback calling ``setup_optimizers``) are hooked on their first step.
         fit.engine.hook_optimizers(trainer.optimizers)
         if fit.engine.run_order is None:
-            fit.engine.start_run_order()
+            fit.engine._start_run_order()
         if fit.engine.mode == DROP:
             # Drawn here, not in ``on_train_epoch_start``: every callback's epoch start has run by now, whatever the
             # order, so a layer another callback froze there is not a candidate. ``global_step`` counts optimizer
             # steps, so the micro-batches of one accumulated step share a draw.
             step = trainer.global_step if self.settings.resample == "step" else None
-            fit.engine.draw(trainer.current_epoch, step)
+            fit.engine._draw(trainer.current_epoch, step)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._require_fit().engine.finish_run_order()  # rank 0's order, so that every rank drops the same
+        self._require_fit().engine._finish_run_order()  # rank 0's order, so that every rank drops the same
 
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
-            self._require_fit().engine.give_placeholder_grads(trainer.optimizers)
+            self._require_fit().engine._give_placeholder_grads(trainer.optimizers)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._fit is not None:  # also runs in ``validate``, outside any fit
@@ -283,10 +322,10 @@ class LayerDropBackCallback(Callback):
         metrics = {
             "ldb/drop_epoch": float(fit.engine.mode == DROP),
             "ldb/dropped_fraction": fit.engine.dropped_fraction,
-            "ldb/lr_scale": fit.engine.lr.scale,
+            "ldb/lr_scale": fit.engine._lr.scale,
             "ldb/epoch_time": fit.timer.stop(),
         }
-        fit.engine.end_epoch()
+        fit.engine._end_epoch()
         if fit.reloader is not None:
             fit.reloader.on_train_epoch_end(trainer)
         for name, value in metrics.items():
@@ -340,6 +379,18 @@ class LayerDropBackCallback(Callback):
         self._last_candidates = fit.engine.candidate_layers
         self._last_run_order = fit.engine.run_order
         fit.close()
+
+
+def report_branches(pl_module: LightningModule, settings: Any, branches: Sequence[Branch]) -> None:
+    """Block mode: say which blocks were recognised (info), and warn about blocks that look known but are not."""
+    if settings.backward != "block":
+        return
+    rank_zero_info(f"LayerDropBackCallback: block mode: {describe_branches(pl_module, branches, settings.branches)}.")
+    note = unrecognised_note(pl_module, settings.branches)
+    if note:
+        rank_zero_warn(
+            f"LayerDropBackCallback(backward='block'):{note} None of their layers is dropped: only branches are."
+        )
 
 
 class _Setting:

@@ -347,7 +347,7 @@ class LDBCLI(LightningCLI):
 
     def _exit_with(self, error: BaseException, cls: type) -> NoReturn:
         """Report the ``__init__`` error of ``cls`` as a command-line error: two lines, exit status 2."""
-        parser = self._parser(self.subcommand)
+        parser = _compat.subcommand_parser(self, self.subcommand)
         config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
         found = _find_class(config, cls)
         first, *more = str(error).splitlines() or [type(error).__name__]

@@ -235,6 +235,7 @@ class Units(ABC):
         self.keep_first, self.keep_last = keep_first, keep_last
         self.include, self.exclude = include, exclude
         self.layers: list[Layer] = []  # registration order
+        self.branches: list[Branch] = []  # the residual branches (block mode only)
         self.ordered: list[Layer] = []  # run order
         self.lazy = False
 

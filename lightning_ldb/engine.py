@@ -6,10 +6,10 @@ size of an epoch, and its ``state_dict``. It imports torch, never Lightning, so 
 script and the Trainer (through :class:`~lightning_ldb.LayerDropBackCallback`, a thin adapter over it) all run the
 same code, and the same seed gives the same draws in each.
 
-One DROP epoch, top to bottom: :meth:`LayerDropBack.start_epoch` sets the mode and the LR scale;
-:meth:`LayerDropBack.draw` asks the units (:mod:`lightning_ldb.dropping`) for the candidates trainable now, draws over
+One DROP epoch, top to bottom: ``LayerDropBack._start_epoch`` sets the mode and the LR scale;
+``LayerDropBack._draw`` asks the units (:mod:`lightning_ldb.dropping`) for the candidates trainable now, draws over
 them (:mod:`lightning_ldb.schedule`), has the units drop the drawn ones and tells the processes (:class:`Sync`);
-every ``optimizer.step()`` runs with the scaled LR (:mod:`lightning_ldb.lr_scaling`); :meth:`LayerDropBack.end_epoch`
+every ``optimizer.step()`` runs with the scaled LR (:mod:`lightning_ldb.lr_scaling`); ``LayerDropBack._end_epoch``
 releases every unit. :meth:`LayerDropBack.epoch` does all of it for a plain loop, on every exit path.
 """
 
@@ -127,10 +127,10 @@ class LayerDropBack:
         s = self.settings = Settings.from_locals(locals())
         self.model = model
         self.module, self._model_compiled = _unwrap_model(model)
-        self.freezer = ParameterFreezer()
-        self.units = units_for(s.backward, self.freezer, s.granularity, s.keep_first, s.keep_last, s.include, s.exclude, s.branches)
-        self.lr = StepLRScaler(before_step=self._before_step, after_step=self._after_step)
-        self.sync: Sync = sync if sync is not None else sync_for(model, s.resample, fabric)
+        self._freezer = ParameterFreezer()
+        self._units = units_for(s.backward, self._freezer, s.granularity, s.keep_first, s.keep_last, s.include, s.exclude, s.branches)
+        self._lr = StepLRScaler(before_step=self._before_step, after_step=self._after_step)
+        self._sync: Sync = sync if sync is not None else sync_for(model, s.resample, fabric)
         #: Module names in the order they took part in a training step, see ``RunOrderRecorder`` (``None``: not yet).
         self.run_order: Optional[list[str]] = None
         self.candidates: list[Unit] = []
@@ -147,17 +147,17 @@ class LayerDropBack:
         self._warned_nothing_to_drop = False
         self._warned_no_run_order = False
         self._warned_no_optimizer = False
-        self._warned_compiled = False
+        self._warned_composition = False
         #: Optimizers found to hold none of the model's parameters (weakly held: no id reuse, nothing kept alive).
         self._foreign_optimizers: weakref.WeakSet[Optimizer] = weakref.WeakSet()
-        #: Whether DROP epochs load ``batch_scale`` times larger batches (said in warnings): set by the callback
-        #: when its data source is a mixin, and by :meth:`batch_size` when a loop asks for a DROP epoch's size.
-        self.batch_scaled = False
+        #: Whether DROP epochs load ``batch_scale`` times larger batches (said in warnings): ``True`` or ``False``, set
+        #: by the callback (a mixin serves the train loader, or not); ``None`` in a plain loop (its loader's business).
+        self._batch_scaled: Optional[bool] = None
         self._stepped = False
         self.seed = self._resolve_seed()
         if any(True for _ in self.module.parameters()):
             # Under the Trainer, modules made in ``configure_model`` do not exist yet; ``discover`` runs again.
-            self.discover()
+            self._discover()
         self.hook_optimizers(_optimizer_list(optimizers))
 
     # ------------------------------------------------------------------ introspection
@@ -180,9 +180,7 @@ class LayerDropBack:
         """The training batch size of ``epoch``: ``base * batch_scale`` on DROP epochs, else ``base``."""
         check_int("base", base, minimum=1)
         check_int("epoch", epoch, minimum=0)
-        size = BatchSchedule(self.settings.every, self.settings.batch_scale).batch_size(epoch, base)
-        self.batch_scaled = self.batch_scaled or size != base
-        return size
+        return BatchSchedule(self.settings.every, self.settings.batch_scale).batch_size(epoch, base)
 
     # ------------------------------------------------------------------ the plain loop
     @contextmanager
@@ -197,8 +195,8 @@ class LayerDropBack:
         """
         check_int("epoch", epoch, minimum=0)
         self._warn_if_no_optimizer()
-        self._warn_if_compiled()
-        self.start_epoch(epoch)
+        self._warn_about_composition(self._lr.optimizers)
+        self._start_epoch(epoch)
         handles = [self.model.register_forward_pre_hook(self._before_forward)]
         if self.run_order is None or (self.mode == DROP and self.settings.resample == "step"):
             # A loop may run parts of the model (``model.encoder(x)``, the members of a ModuleDict) and never the
@@ -211,107 +209,111 @@ class LayerDropBack:
         self._driving = True
         try:
             if self.run_order is None:
-                self.start_run_order()
+                self._start_run_order()
             if self.mode == DROP:
-                self.draw(epoch, self.steps if self.settings.resample == "step" else None)
-            yield self
+                self._draw(epoch, self.steps if self.settings.resample == "step" else None)
+            try:
+                yield self
+            except BaseException as error:
+                self._note_dropped_layers(error)
+                raise
             if self._stepped:
                 # The epoch's last step had no forward after it. With one step per epoch (full-batch training) that
                 # is the only step: without this the order is never kept, and keep_first/keep_last count registration.
-                self.finish_run_order()
+                self._finish_run_order()
         finally:
             self._driving = self._stepped = False
             for handle in handles:
                 handle.remove()
             unseen.remove()
             self._stop_recorder()  # an order not confirmed by a step is not kept (and no collective on failure)
-            self.end_epoch()
+            self._end_epoch()
 
     # ------------------------------------------------------------------ what a driver calls
-    def discover(self) -> None:
+    def _discover(self) -> None:
         """List the units again (modules made after construction, lazy modules materialised since)."""
-        self.units.discover(self.module, self.run_order or ())
-        self.candidates = list(self.units.candidates())
+        self._units.discover(self.module, self.run_order or ())
+        self.candidates = list(self._units.candidates())
 
     def hook_optimizers(self, optimizers: Iterable[Any], replace: bool = False) -> None:
         """Scale these optimizers' ``step()`` on DROP epochs (``replace``: forget the ones hooked before)."""
         optimizers = [_unwrap_optimizer(o) for o in optimizers]
         refuse_optimizers_that_move_dropped_parameters(optimizers)
         if replace:
-            self.lr.attach(optimizers)
+            self._lr.attach(optimizers)
         else:
-            self.lr.attach_new(optimizers)
+            self._lr.attach_new(optimizers)
 
-    def start_epoch(self, epoch: int) -> None:
-        """Enter ``epoch``: its mode and LR scale. The draw is :meth:`draw`'s (the Trainer's first batch)."""
+    def _start_epoch(self, epoch: int) -> None:
+        """Enter ``epoch``: its mode and LR scale. The draw is :meth:`_draw`'s (the Trainer's first batch)."""
         if epoch != self._epoch:
             self._epoch = epoch
             self._fractions = []
         self.mode = epoch_mode(epoch, self.settings.every)
         self._release()
-        self.lr.scale = self.settings.lr_scale if self.mode == DROP else 1.0
+        self._lr.scale = self.settings.lr_scale if self.mode == DROP else 1.0
 
-    def draw(self, epoch: int, step: Optional[int] = None) -> None:
+    def _draw(self, epoch: int, step: Optional[int] = None) -> None:
         """Drop the units drawn for ``(epoch, step)`` among those trainable now.
 
         Called again with the same key, it only re-freezes what someone else made trainable since.
         """
         key = (epoch, step)
         if key == self._draw_key:
-            if self.freezer.freeze(self._dropped_parameters):
-                self.sync.on_trainable_set_changed(key, self.dropped_layers)
+            if self._freezer.freeze(self._dropped_parameters):
+                self._sync.on_trainable_set_changed(key, self.dropped_layers)
             return
-        self.units.release()  # what is trainable now is what the user (and other callbacks) left trainable
-        self.sync.before_draw()
+        self._units.release()  # what is trainable now is what the user (and other callbacks) left trainable
+        self._sync.before_draw()
         if self.run_order is None and not self._warned_no_run_order:
             self._warned_no_run_order = True
             self._warn_no_run_order(epoch)
-        candidates = list(self.units.candidates())
+        candidates = list(self._units.candidates())
         if not candidates and not self._warned_nothing_to_drop:
             self._warned_nothing_to_drop = True
             self._warn_nothing_to_drop(epoch)
         flags = draw_dropped(len(candidates), self.settings.drop_rate, self.seed, epoch, step)
         dropped = tuple(unit for unit, drop in zip(candidates, flags) if drop)
-        frozen, droppable = self.units.drop(dropped, candidates)
+        frozen, droppable = self._units.drop(dropped, candidates)
         self.candidates, self.dropped, self._dropped_parameters, self._draw_key = candidates, dropped, frozen, key
         total = unique_numel(droppable)
         self._fractions.append(unique_numel(frozen) / total if total else 0.0)
-        self.sync.on_trainable_set_changed(key, self.dropped_layers)
+        self._sync.on_trainable_set_changed(key, self.dropped_layers)
 
-    def end_epoch(self) -> None:
+    def _end_epoch(self) -> None:
         """Release every unit; ``step()`` runs at the unscaled LR again."""
         self._release()
-        self.lr.scale = 1.0
+        self._lr.scale = 1.0
 
-    def start_run_order(self) -> None:
-        """Record the order in which modules run, from now until :meth:`finish_run_order`."""
+    def _start_run_order(self) -> None:
+        """Record the order in which modules run, from now until :meth:`_finish_run_order`."""
         if self._recorder is None:
             self._recorder = RunOrderRecorder(self.module)
 
-    def finish_run_order(self) -> None:
+    def _finish_run_order(self) -> None:
         """Take rank 0's recorded run order (a collective in several processes) and list the units again."""
         if self._recorder is None:
             return
         observed = self._stop_recorder()
-        self.run_order = list(self.sync.broadcast(observed))
-        self.discover()  # lazy modules are materialised after their first forward
+        self.run_order = list(self._sync.broadcast(observed))
+        self._discover()  # lazy modules are materialised after their first forward
 
-    def give_placeholder_grads(self, optimizers: Iterable[Optimizer]) -> None:
+    def _give_placeholder_grads(self, optimizers: Iterable[Optimizer]) -> None:
         """A zero gradient on one dropped parameter of each optimizer without any, for ``GradScaler``.
 
         A GradScaler refuses to step an optimizer that holds no gradient at all, which is what an optimizer whose
         parameters are all dropped holds. The step pre-hook takes the placeholder away before the optimizer runs.
         """
-        if self.freezer.frozen:
-            self.freezer.give_placeholder_grads(optimizers)
+        if self._freezer.frozen:
+            self._freezer.give_placeholder_grads(optimizers)
 
     def close(self) -> None:
         """Undo everything: flags, detach hooks, optimizer hooks, scaled LRs. Local only (no collective)."""
         self._stop_recorder()
-        self.units.release()
+        self._units.release()
         self.dropped, self._dropped_parameters, self._draw_key = (), [], None
-        self.lr.detach()
-        self.sync.close()
+        self._lr.detach()
+        self._sync.close()
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -333,8 +335,8 @@ class LayerDropBack:
             self.seed = int(seed)
         run_order = state_dict.get("run_order")
         self.run_order = list(run_order) if run_order is not None else None
-        if self.units.layers or self.run_order:
-            self.discover()
+        if self._units.layers or self.run_order:
+            self._discover()
         self.steps = int(state_dict.get("steps", self.steps))
 
     # ------------------------------------------------------------------ internals
@@ -345,17 +347,19 @@ class LayerDropBack:
             if seed is None:
                 seed = fresh_seed()
                 _log.info("LayerDropBack: no `seed` and no `seed_everything`; drawing with seed %d.", seed)
-        return int(self.sync.broadcast(seed))  # one seed for all ranks, whatever each process was seeded with
+        return int(self._sync.broadcast(seed))  # one seed for all ranks, whatever each process was seeded with
 
     def _warn_nothing_to_drop(self, epoch: int) -> None:
         # With a frozen backbone (a linear probe, the epochs before ``BackboneFinetuning`` unfreezes) every DROP
         # epoch is like this, yet the LR (and batch) scaling still apply: a user must not find that out from a curve.
         s = self.settings
         applies = f"the learning rate x lr_scale={s.lr_scale}"
-        if self.batch_scaled:
+        if self._batch_scaled:
             applies += f" and the batch x batch_scale={s.batch_scale}"
+        elif self._batch_scaled is None and s.batch_scale > 1:
+            applies += f" (and the batch x batch_scale={s.batch_scale} where the loop takes ldb.batch_size())"
         warn_on_rank_zero(
-            f"LayerDropBack: DROP epoch {epoch} has no layer to drop: {self.units.why_no_candidates()}. It still"
+            f"LayerDropBack: DROP epoch {epoch} has no layer to drop: {self._units.why_no_candidates()}. It still"
             f" trains with {applies}. keep_first/keep_last count the trainable layers, in the order the data flows"
             " through them. If this is not what you want, lower keep_first/keep_last or widen include/exclude;"
             " warned once."
@@ -376,7 +380,7 @@ class LayerDropBack:
     def _warn_if_no_optimizer(self) -> None:
         # Without a hooked optimizer no step is seen: the LR is not scaled, resample="step" never draws again and the
         # run order (what keep_first/keep_last count) is never confirmed. The plain loop would train on, unscaled.
-        if self.lr.is_attached() or self._warned_no_optimizer:
+        if self._lr.is_attached() or self._warned_no_optimizer:
             return
         self._warned_no_optimizer = True
         warn_on_rank_zero(
@@ -387,24 +391,97 @@ class LayerDropBack:
             " call ldb.hook_optimizers([optimizer]); warned once."
         )
 
-    def _warn_if_compiled(self) -> None:
-        # The plain loop's warning (the callback says it at fit start): once, when compiled code holds candidates.
-        if self._warned_compiled or not self.candidates:
+    def _warn_about_composition(self, optimizers: Sequence[Optimizer], who: str = "LayerDropBack") -> None:
+        # Once, when the units are known: under the Trainer at fit start (the callback, with the trainer's optimizers),
+        # in a plain loop at the first epoch. What other torch features make of LDB, said by both drivers.
+        if self._warned_composition or not self.candidates:
             return
-        self._warned_compiled = True
-        if self._model_compiled:
-            what = f"the model {type(self.module).__name__}"
+        self._warned_composition = True
+        self._warn_if_compiled(who)
+        self._warn_if_all_droppable(who)
+        self._warn_if_an_optimizer_can_lose_all_its_layers(optimizers, who)
+
+    def _warn_if_compiled(self, who: str) -> None:
+        # Each new dropped set recompiles a compiled graph that holds a candidate.
+        if self._model_compiled or _compat.is_compiled_lightning_module(self.module):
+            kind = "LightningModule" if _compat.is_compiled_lightning_module(self.module) else "model"
+            what = f"the {kind} {type(self.module).__name__}"
         else:
             holders = compiled_holders(self.module, self.candidates)
             if not holders:
                 return
             what = describe_compiled(holders)
-        warn_on_rank_zero(recompile_warning("LayerDropBack", what))
+        warn_on_rank_zero(recompile_warning(who, what))
+
+    def _warn_if_all_droppable(self, who: str) -> None:
+        # Checked after every callback's ``setup`` (``BackboneFinetuning`` freezes there). A draw that drops every
+        # trainable layer leaves the loss without a gradient: the step fails, at random, mid-run.
+        drop_rate, candidates = self.settings.drop_rate, self.candidates
+        if drop_rate == 0.0:
+            return
+        candidate_ids = {id(p) for layer in candidates for p in layer.parameters}
+        trainable = [p for p in self.module.parameters() if p.requires_grad]
+        if not trainable or not all(id(p) in candidate_ids for p in trainable):
+            return
+        n = sum(1 for layer in candidates if any(p.requires_grad for p in layer.parameters))
+        warn_on_rank_zero(
+            f"{who}: every trainable layer of {type(self.module).__name__} is a candidate, so a draw"
+            f" drops all {n} of them with probability drop_rate**{n} = {drop_rate**n:.2g} (per DROP epoch, or"
+            " per step with resample='step'). The loss then has no gradient and training fails. Keep a layer"
+            " trained: keep_first >= 1 or keep_last >= 1, or `exclude` one."
+        )
+
+    def _warn_if_an_optimizer_can_lose_all_its_layers(self, optimizers: Sequence[Optimizer], who: str) -> None:
+        # That optimizer then trains nothing for the draw, and a loss whose only trainable inputs are its layers
+        # (a GAN's generator step under ``toggle_optimizer``, which freezes the other optimizers' parameters) has no
+        # gradient: backward fails with torch's "element 0 of tensors does not require grad". With one optimizer,
+        # ``_warn_if_all_droppable`` covers it.
+        drop_rate, candidates = self.settings.drop_rate, self.candidates
+        if drop_rate == 0.0 or len(optimizers) < 2:
+            return
+        found = []
+        for index, optimizer in enumerate(optimizers):
+            trainable = {id(p) for group in optimizer.param_groups for p in group["params"] if p.requires_grad}
+            holding = [layer for layer in candidates if any(id(p) in trainable for p in layer.parameters)]
+            covered = {id(p) for layer in holding for p in layer.parameters}
+            if trainable and trainable <= covered:
+                found.append((index, optimizer, holding))
+        if not found:
+            return
+        what = "; ".join(
+            f"optimizer {index} ({type(optimizer).__name__}): all {len(holding)} of its layers with probability"
+            f" drop_rate**{len(holding)} = {drop_rate ** len(holding):.2g}"
+            for index, optimizer, holding in found
+        )
+        last = found[0][2][-1].name
+        warn_on_rank_zero(
+            f"{who}: one draw can drop every layer an optimizer trains ({what}; per DROP epoch, or per"
+            " step with resample='step'). That optimizer then trains nothing until the draw ends, and a loss whose only"
+            " trainable inputs are those layers (a GAN's generator step under toggle_optimizer) has no gradient:"
+            " backward fails with 'element 0 of tensors does not require grad'. Keep one of its layers trained, e.g."
+            f" exclude=[{last!r}], or with keep_first/keep_last."
+        )
+
+    def _note_dropped_layers(self, exception: BaseException, who: str = "LayerDropBack") -> None:
+        # torch's "does not require grad", raised while layers were dropped: say why, and the fix.
+        dropped = self.dropped_layers
+        if not dropped or not isinstance(exception, RuntimeError) or "does not require grad" not in str(exception):
+            return
+        shown = ", ".join(dropped[:5]) + (f" and {len(dropped) - 5} more" if len(dropped) > 5 else "")
+        note = (
+            f"{who} had dropped (frozen) {shown} for this step. A loss whose only trainable inputs are"
+            " dropped layers has no gradient (e.g. a GAN's generator step under toggle_optimizer when every generator"
+            " layer is dropped). Keep one of those layers trained: `exclude` it, or raise keep_first/keep_last."
+        )
+        if hasattr(exception, "add_note"):  # Python 3.11+
+            exception.add_note(note)
+        else:  # Python 3.10 (still supported): say it once beside the traceback
+            warn_on_rank_zero(note)
 
     def _warn_if_step_unseen(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         # An optimizer made after the engine (recreated each epoch, say) steps the model unscaled and unseen. Only one
         # that holds the model's parameters: another model's optimizer (a GAN's discriminator) is none of LDB's business.
-        if self._warned_no_optimizer or self.lr.is_attached(optimizer) or optimizer in self._foreign_optimizers:
+        if self._warned_no_optimizer or self._lr.is_attached(optimizer) or optimizer in self._foreign_optimizers:
             return
         self._foreign_optimizers.add(optimizer)  # checked once, not at every step (a GAN's other optimizer)
         own = {id(p) for p in self.module.parameters()}
@@ -420,11 +497,11 @@ class LayerDropBack:
         )
 
     def _release(self) -> None:
-        if self._draw_key is None and not self.freezer.frozen:
+        if self._draw_key is None and not self._freezer.frozen:
             return
-        self.units.release()
+        self._units.release()
         self.dropped, self._dropped_parameters, self._draw_key = (), [], None
-        self.sync.on_trainable_set_changed(None, ())
+        self._sync.on_trainable_set_changed(None, ())
 
     def _stop_recorder(self) -> list[str]:
         recorder, self._recorder = self._recorder, None
@@ -433,7 +510,7 @@ class LayerDropBack:
     def _before_step(self, optimizer: Optimizer) -> None:
         # A ``zero_grad(set_to_none=False)`` would leave dropped parameters a zero gradient, which momentum and
         # weight decay still act on. Only this optimizer's: another one's scaler placeholder must last until its step.
-        self.freezer.clear_grads(optimizer)
+        self._freezer.clear_grads(optimizer)
 
     def _after_step(self, optimizer: Optimizer) -> None:
         if self._driving:
@@ -446,9 +523,9 @@ class LayerDropBack:
         if not self._stepped:
             return
         self._stepped = False
-        self.finish_run_order()
+        self._finish_run_order()
         if self.mode == DROP and self.settings.resample == "step" and self._epoch is not None:
-            self.draw(self._epoch, self.steps)
+            self._draw(self._epoch, self.steps)
 
 
 def _unwrap_model(model: nn.Module) -> tuple[nn.Module, bool]:

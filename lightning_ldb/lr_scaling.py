@@ -58,6 +58,11 @@ class StepLRScaler:
         # call may scale and unscale, or the lr is scaled twice and left scaled after the step.
         self._depth: dict[int, int] = {}
 
+    @property
+    def optimizers(self) -> list[Optimizer]:
+        """The hooked optimizers, in the order they were hooked."""
+        return list(self._attached.values())
+
     def is_attached(self, optimizer: Optional[Optimizer] = None) -> bool:
         """Whether ``optimizer`` is hooked; without one, whether any is (without one, no ``step()`` is scaled or seen)."""
         if optimizer is None:

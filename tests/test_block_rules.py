@@ -159,7 +159,7 @@ def test_setup_says_which_blocks_block_mode_recognised_and_a_dropped_branch_is_d
 def test_blocks_left_unrecognised_beside_recognised_ones_are_warned_about():
     from types import SimpleNamespace
 
-    from lightning_ldb.composition import report_branches
+    from lightning_ldb.callback import report_branches
 
     model = tiny_mixtral()
     layer = model.model.layers[0]

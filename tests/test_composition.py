@@ -14,7 +14,8 @@ from lightning.pytorch.callbacks import BackboneFinetuning, Callback, ModelCheck
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
-from lightning_ldb import LayerDropBackCallback, timing
+from lightning_ldb import LayerDropBackCallback
+from lightning_ldb import callback as timing  # the epoch timer lives in the callback module
 
 
 def frozen_names(module: nn.Module) -> set[str]:

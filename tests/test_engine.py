@@ -482,3 +482,17 @@ def test_a_compiled_submodule_is_warned_only_if_it_holds_candidates(compiled, wa
     assert [m.split(" is compiled")[0] for m in compile_warnings(record)] == (
         ["LayerDropBack: submodule 'net'"] if warns else []
     )
+
+
+def test_a_plain_loop_is_warned_like_the_trainer_when_a_draw_can_drop_every_layer_and_told_why_backward_fails():
+    # The torch-level warnings live in the engine, so a plain loop gets the callback's warning and error note too.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ldb = LayerDropBack(model, optimizer, drop_rate=0.999, every=1, keep_first=0, keep_last=0, seed=0)
+    with pytest.warns(UserWarning, match=r"LayerDropBack: every trainable layer of Sequential.*drops all 2"):
+        with pytest.raises(RuntimeError, match="does not require grad") as failed:
+            with ldb.epoch(1):
+                model(torch.ones(2, 4)).sum().backward()
+    assert "LayerDropBack had dropped (frozen) 0, 1 for this step" in "\n".join(getattr(failed.value, "__notes__", []))
+    assert all(p.requires_grad for p in model.parameters())
