@@ -290,3 +290,20 @@ def test_core_units_and_mechanisms_import_neither_lightning_nor_the_engine_nor_a
 def test_the_engine_imports_no_lightning_and_nothing_of_the_lightning_side():
     assert not reaches(imported_by("engine"), {"lightning"} | LIGHTNING_SIDE)
     # Nor anything the modules below it import (checked above), so ``import lightning_ldb.engine`` needs no Lightning.
+
+
+def test_the_examples_use_the_librarys_public_names_only_and_never_the_bench():
+    # The bench builds on the examples (its workloads); the examples must not reach back, nor into internals.
+    package = Path(lightning_ldb.__file__).parent
+    offenders = []
+    for path in sorted((package / "examples").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [(node.module, a.name) for a in node.names] if isinstance(node, ast.ImportFrom) and node.module else []
+            names += [(a.name, None) for a in node.names] if isinstance(node, ast.Import) else []
+            for module, name in names:
+                if not module.startswith("lightning_ldb") or module.startswith("lightning_ldb.examples"):
+                    continue
+                if module == "lightning_ldb" and (name is None or name in lightning_ldb.__all__):
+                    continue
+                offenders.append(f"{path.name}: {module} {name}")
+    assert offenders == []

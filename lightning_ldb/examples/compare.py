@@ -13,7 +13,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
-from lightning_ldb.bench.report import speedup
+
+def speedup(ldb_seconds: float, baseline_seconds: float) -> float:
+    """The relative time saved against the baseline: ``1 - ldb_seconds / baseline_seconds`` (as ``ldb-bench``'s).
+
+    Args:
+        ldb_seconds: Training time of the measured run.
+        baseline_seconds: Training time of the baseline run.
+
+    Raises:
+        ValueError: If ``baseline_seconds`` is not positive or ``ldb_seconds`` is negative.
+
+    Example::
+
+        >>> speedup(75.0, 100.0)
+        0.25
+        >>> speedup(110.0, 100.0)  # slower than the baseline: a negative speed-up
+        -0.1
+    """
+    if not baseline_seconds > 0:
+        raise ValueError(f"`baseline_seconds` must be > 0, got {baseline_seconds!r}.")
+    if ldb_seconds < 0:
+        raise ValueError(f"`ldb_seconds` must be >= 0, got {ldb_seconds!r}.")
+    return round(1.0 - ldb_seconds / baseline_seconds, 12)
 
 
 @dataclass(frozen=True)
