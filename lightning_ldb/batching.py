@@ -382,11 +382,9 @@ def _inner_loaders(loader: Any, where: str) -> Iterator[tuple[str, Any]]:
 def _raise_unscaled(obj: Any, where: str, loaded: int, bases: list[int], scaled: list[int]) -> None:
     what = f"a loader{where and ' at ' + where}"
     raise ValueError(
-        f"LDBDataModuleMixin scaled {type(obj).__name__}'s batch size from {bases[0]} to {scaled[0]} for this DROP"
-        f" epoch, but its train_dataloader() returned {what} with batch_size={loaded}, so the epoch would train at"
-        " the unscaled size while its learning rate is scaled. Build the train loader inside train_dataloader() from"
-        " `self.batch_size` (not once in setup(), not from another attribute), or pass"
-        " `batch_size=self.ldb_batch_size(base)`."
+        f"LDBDataModuleMixin scaled {type(obj).__name__}'s batch size from {bases[0]} to {scaled[0]} for a DROP epoch,"
+        f" but train_dataloader() returned {what} with batch_size={loaded}. Build the train loader from self.batch_size"
+        " in train_dataloader(), not once in setup()."
     )
 
 
@@ -468,10 +466,9 @@ def check_accumulate_scaling(pl_module: LightningModule, batch_scale: int) -> No
     # fit start, before LDB changes it): the DROP epochs would step every micro-batch with the scaled LR.
     if not pl_module.automatic_optimization:
         raise ValueError(
-            f"LayerDropBackCallback(batch_scaling='accumulate', batch_scale={batch_scale}) needs automatic"
-            f" optimization, but {type(pl_module).__name__} sets `automatic_optimization = False`, so Lightning does"
-            " not accumulate gradients. Use batch_scaling='loader' with `LDBDataModuleMixin`, accumulate in your"
-            " `training_step` yourself, or pass batch_scale=1."
+            f"LayerDropBackCallback(batch_scaling='accumulate') needs automatic optimization, which"
+            f" {type(pl_module).__name__} turns off. Use batch_scaling='loader' with LDBDataModuleMixin, or"
+            " batch_scale=1."
         )
 
 
@@ -487,12 +484,9 @@ def warn_if_step_checkpoints(trainer: Trainer, batch_scale: int) -> None:
     ]
     if by_step:
         rank_zero_warn(
-            f"LayerDropBackCallback(batch_scale={batch_scale}) with ModelCheckpoint(every_n_train_steps=... or"
-            " train_time_interval=...): a checkpoint saved on the last batch of a DROP epoch does not resume"
-            " correctly. Lightning compares the batches done with the length of the next, longer epoch and"
-            " resumes that epoch as if its first batches had run, so it runs short (LDB warns again if you resume"
-            " from such a checkpoint). Checkpoints saved at the end of an epoch, or anywhere else within one,"
-            " resume correctly."
+            f"LayerDropBackCallback(batch_scale={batch_scale}): a ModelCheckpoint(every_n_train_steps/"
+            "train_time_interval) saved on the last batch of a DROP epoch resumes the next epoch short"
+            " (README.md#the-drop-epoch-batch-size)."
         )
 
 
@@ -510,9 +504,8 @@ def warn_if_resumed_short_epoch(trainer: Trainer, every: int) -> None:
     if is_drop_epoch(epoch - 1, every) and not is_drop_epoch(epoch, every):
         rank_zero_warn(
             f"LayerDropBackCallback: this checkpoint was saved on the last batch of DROP epoch {epoch - 1}"
-            f" ({carried} batches). Lightning resumes epoch {epoch}, a longer full epoch, as if its first"
-            f" {carried} batches had already run, so epoch {epoch} runs short by {carried} batches. Resume from"
-            " the end-of-epoch checkpoint of that epoch instead to train every batch."
+            f" ({carried} batches), so epoch {epoch} runs short by {carried} batches. Resume from that epoch's"
+            " end-of-epoch checkpoint instead."
         )
 
 

@@ -160,18 +160,15 @@ def check_servable(model: nn.Module, fabric: Any = None) -> None:
         servable = any(cls.__name__ == "SingleDeviceStrategy" for cls in strategy.__mro__) or wraps_in_ddp(fabric.strategy)
         if not servable:
             raise ValueError(
-                f"LayerDropBack(fabric=...) does not support Fabric's {strategy.__name__}: LDB drops layers by setting"
-                " `requires_grad=False` on their parameters between steps, which sharded, partitioned or traced"
-                " parameters do not allow. Use one device or Fabric(strategy='ddp'); to shard a model, train it with"
-                " the Trainer, ModelParallelStrategy and LayerDropBackCallback (docs/fsdp.md)."
+                f"LayerDropBack(fabric=...) does not support Fabric's {strategy.__name__}. Use one device or"
+                " Fabric(strategy='ddp'); to shard a model, use the Trainer with ModelParallelStrategy (docs/fsdp.md)."
             )
     from torch.distributed.fsdp import FullyShardedDataParallel  # noqa: PLC0415 - loaded only when needed
 
     if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
         raise ValueError(
-            "LayerDropBack does not support a model wrapped in torch's FullyShardedDataParallel (FSDP1): it flattens"
-            " the parameters, so per-layer `requires_grad` flags cannot change under it. Use DistributedDataParallel,"
-            " or the Trainer with ModelParallelStrategy (FSDP2) and LayerDropBackCallback (docs/fsdp.md)."
+            "LayerDropBack does not support FullyShardedDataParallel (FSDP1). Use DistributedDataParallel, or the"
+            " Trainer with ModelParallelStrategy and fully_shard (docs/fsdp.md)."
         )
 
 
@@ -235,10 +232,8 @@ class ProcessGroupSync(CheckedSync):
             if self.fabric is None or wrapper.static_graph:
                 setting = "static_graph=True" if wrapper.static_graph else "find_unused_parameters=False"
                 raise ValueError(
-                    f"LayerDropBack cannot drop layers under this DistributedDataParallel: it was built with {setting},"
-                    " so its reducer waits for a gradient from every parameter, and a dropped one gets none. Build it"
-                    " with DistributedDataParallel(model, find_unused_parameters=True) (static_graph=False), or set"
-                    " the model up with Fabric and pass `fabric=` (LDB then rebuilds Fabric's wrapper itself)."
+                    f"LayerDropBack cannot drop layers under a DistributedDataParallel built with {setting}. Build"
+                    " it as DistributedDataParallel(model, find_unused_parameters=True), or pass `fabric=`."
                 )
             wrapper = self._rewrap(wrapper)
         if _compat.ddp_wrapper_has_comm_hook(wrapper):

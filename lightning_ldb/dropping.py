@@ -137,11 +137,9 @@ def refuse_optimizers_that_move_dropped_parameters(optimizers: Iterable[Optimize
     for index, optimizer in enumerate(optimizers):
         if isinstance(optimizer, MOVES_PARAMETERS_WITHOUT_GRADIENT):
             raise ValueError(
-                f"LayerDropBackCallback cannot train with {type(optimizer).__name__} (optimizer {index}): it moves every"
-                " parameter along one flat search direction and counts a missing gradient as zero, so dropped layers"
-                " would move (and it reads its lr before evaluating the closure, so the DROP-epoch lr_scale would not"
-                " reach its update). Use an optimizer that skips parameters without a gradient (SGD, Adam, AdamW,"
-                " ...), or remove LayerDropBackCallback."
+                f"LDB cannot train with {type(optimizer).__name__} (optimizer {index}): dropped layers would move (it"
+                " counts a missing gradient as zero). Use an optimizer that skips parameters without a gradient (SGD,"
+                " Adam, AdamW)."
             )
 
 
@@ -311,11 +309,9 @@ class LayerUnits(Units):
         if not select_candidates(self.layers, self.keep_first, self.keep_last, self.include, self.exclude):
             n = len(self.layers)
             raise ValueError(
-                f"LayerDropBack found no candidate layer to drop in {type(model).__name__}: it has {n} layer(s)"
-                f" (granularity={self.granularity!r}), keep_first={self.keep_first} and keep_last={self.keep_last}"
-                f" keep {min(n, self.keep_first + self.keep_last)} of them, and include={self.include!r} /"
-                f" exclude={self.exclude!r} filter the rest. Lower `keep_first`/`keep_last`, widen the patterns, or"
-                " use granularity='parameter'."
+                f"LayerDropBack found no candidate layer in {type(model).__name__}: keep_first={self.keep_first}/"
+                f"keep_last={self.keep_last} keep {min(n, self.keep_first + self.keep_last)} of its {n} layers and"
+                " include/exclude filter the rest. Lower keep_first/keep_last or widen the patterns."
             )
 
     def _why_filtered(self, rest: Sequence[Layer]) -> str:
@@ -365,19 +361,17 @@ class BranchUnits(Units):
     def _check(self, model: nn.Module) -> None:
         if not self.branches:
             raise ValueError(
-                f"LayerDropBack(backward='block') found no residual branch in {type(model).__name__}: it"
-                " recognises torchvision ResNet and Swin blocks, timm ViT blocks and Hugging Face GPT-2, BERT and"
-                " Llama-style layers. Name your model's branches with `branches=` (e.g. {'blocks.*.norm1': ['attn']},"
-                " see docs/block-mode.md), or use backward='weights'." + unrecognised_note(model, self.spec)
+                f"LayerDropBack(backward='block') found no residual branch in {type(model).__name__}. Name them with"
+                " `branches=` (docs/block-mode.md#naming-branches-of-other-models-branches) or use"
+                " backward='weights'." + unrecognised_note(model, self.spec)
             )
         if not select_branch_candidates(
             self.branches, self.ordered, self.keep_first, self.keep_last, self.include, self.exclude
         ):
             raise ValueError(
-                f"LayerDropBack(backward='block') found {len(self.branches)} residual branch(es) in"
-                f" {type(model).__name__}, but every one holds a layer kept by keep_first={self.keep_first}/"
-                f"keep_last={self.keep_last} or is filtered out by include={self.include!r} / exclude={self.exclude!r}."
-                " Lower `keep_first`/`keep_last` or widen the patterns."
+                f"LayerDropBack(backward='block'): each of the {len(self.branches)} branches in {type(model).__name__}"
+                f" holds a layer kept by keep_first={self.keep_first}/keep_last={self.keep_last} or is filtered out."
+                " Lower keep_first/keep_last or widen include/exclude."
             )
 
     def _why_filtered(self, rest: Sequence[Layer]) -> str:

@@ -327,9 +327,8 @@ class LayerDropBack:
         explicit = self.settings.seed
         if seed is not None and explicit is not None and explicit != seed:
             warn_on_rank_zero(
-                f"LayerDropBack resumes with seed={explicit}, but the checkpoint was made with seed {seed}: the draws"
-                f" from here on differ from the interrupted run's. Pass seed={seed} (or seed=None) to continue with"
-                " the same draws."
+                f"LayerDropBack resumes with seed={explicit}, but the checkpoint was made with seed {seed}, so the"
+                f" draws differ from the run's. Pass seed={seed} or seed=None to continue them."
             )
         elif seed is not None:
             self.seed = int(seed)
@@ -360,9 +359,7 @@ class LayerDropBack:
             applies += f" (and the batch x batch_scale={s.batch_scale} where the loop takes ldb.batch_size())"
         warn_on_rank_zero(
             f"LayerDropBack: DROP epoch {epoch} has no layer to drop: {self._units.why_no_candidates()}. It still"
-            f" trains with {applies}. keep_first/keep_last count the trainable layers, in the order the data flows"
-            " through them. If this is not what you want, lower keep_first/keep_last or widen include/exclude;"
-            " warned once."
+            f" trains with {applies}; lower keep_first/keep_last or widen include/exclude if unintended."
         )
 
     def _warn_no_run_order(self, epoch: int) -> None:
@@ -370,11 +367,9 @@ class LayerDropBack:
         # epoch (epochs counted from 1 with every=1) or a resume without LDB's state draws before it has seen one.
         s = self.settings
         warn_on_rank_zero(
-            f"LayerDropBack: DROP epoch {epoch} draws before LDB has seen a training step, so for this draw"
-            f" keep_first={s.keep_first}/keep_last={s.keep_last} count the layers in the order they were registered,"
-            " not the order the data flows through them (a head registered before the body can be dropped). Start"
-            " with a full epoch (epochs count from 0; epoch 0 is never a DROP epoch), or load the state_dict of the"
-            " run you continue; warned once."
+            f"LayerDropBack: DROP epoch {epoch} draws before LDB has seen a training step, so keep_first="
+            f"{s.keep_first}/keep_last={s.keep_last} count layers in registration order. Start with a full epoch or"
+            " load the run's state_dict."
         )
 
     def _warn_if_no_optimizer(self) -> None:
@@ -384,11 +379,8 @@ class LayerDropBack:
             return
         self._warned_no_optimizer = True
         warn_on_rank_zero(
-            "LayerDropBack.epoch(): no optimizer is hooked, so LDB never sees optimizer.step(): DROP epochs keep the"
-            f" unscaled learning rate (lr_scale={self.settings.lr_scale} is not applied), resample='step' never"
-            " draws again, and keep_first/keep_last count the layers in the order they were registered, not the"
-            " order the data flows through them. Pass the optimizer(s): LayerDropBack(model, optimizer, ...), or"
-            " call ldb.hook_optimizers([optimizer]); warned once."
+            f"LayerDropBack.epoch(): no optimizer is hooked, so lr_scale={self.settings.lr_scale} is not applied and"
+            " no step is seen. Pass LayerDropBack(model, optimizer) or call ldb.hook_optimizers([optimizer])."
         )
 
     def _warn_about_composition(self, optimizers: Sequence[Optimizer], who: str = "LayerDropBack") -> None:
@@ -425,10 +417,9 @@ class LayerDropBack:
             return
         n = sum(1 for layer in candidates if any(p.requires_grad for p in layer.parameters))
         warn_on_rank_zero(
-            f"{who}: every trainable layer of {type(self.module).__name__} is a candidate, so a draw"
-            f" drops all {n} of them with probability drop_rate**{n} = {drop_rate**n:.2g} (per DROP epoch, or"
-            " per step with resample='step'). The loss then has no gradient and training fails. Keep a layer"
-            " trained: keep_first >= 1 or keep_last >= 1, or `exclude` one."
+            f"{who}: every trainable layer of {type(self.module).__name__} is a candidate, so a draw drops all {n}"
+            f" with probability {drop_rate**n:.2g} and the loss has no gradient. Keep one: keep_first/keep_last >= 1"
+            " or `exclude`."
         )
 
     def _warn_if_an_optimizer_can_lose_all_its_layers(self, optimizers: Sequence[Optimizer], who: str) -> None:
@@ -455,11 +446,8 @@ class LayerDropBack:
         )
         last = found[0][2][-1].name
         warn_on_rank_zero(
-            f"{who}: one draw can drop every layer an optimizer trains ({what}; per DROP epoch, or per"
-            " step with resample='step'). That optimizer then trains nothing until the draw ends, and a loss whose only"
-            " trainable inputs are those layers (a GAN's generator step under toggle_optimizer) has no gradient:"
-            " backward fails with 'element 0 of tensors does not require grad'. Keep one of its layers trained, e.g."
-            f" exclude=[{last!r}], or with keep_first/keep_last."
+            f"{who}: one draw can drop every layer an optimizer trains ({what}); a loss of only those layers (a GAN"
+            f" step under toggle_optimizer) then has no gradient. Keep one trained, e.g. exclude=[{last!r}]."
         )
 
     def _note_dropped_layers(self, exception: BaseException, who: str = "LayerDropBack") -> None:
@@ -469,9 +457,8 @@ class LayerDropBack:
             return
         shown = ", ".join(dropped[:5]) + (f" and {len(dropped) - 5} more" if len(dropped) > 5 else "")
         note = (
-            f"{who} had dropped (frozen) {shown} for this step. A loss whose only trainable inputs are"
-            " dropped layers has no gradient (e.g. a GAN's generator step under toggle_optimizer when every generator"
-            " layer is dropped). Keep one of those layers trained: `exclude` it, or raise keep_first/keep_last."
+            f"{who} had dropped (frozen) {shown} for this step; a loss of only dropped layers has no gradient (a GAN"
+            " step under toggle_optimizer). Keep one trained: `exclude` it, or raise keep_first/keep_last."
         )
         if hasattr(exception, "add_note"):  # Python 3.11+
             exception.add_note(note)
@@ -489,11 +476,8 @@ class LayerDropBack:
             return
         self._warned_no_optimizer = True
         warn_on_rank_zero(
-            f"LayerDropBack.epoch(): a {type(optimizer).__name__} that LDB was not given steps the model (one made"
-            " after LayerDropBack, e.g. recreated each epoch): its DROP-epoch steps keep the unscaled learning rate"
-            f" (lr_scale={self.settings.lr_scale} is not applied), and LDB does not see them (resample='step' draws,"
-            " the order keep_first/keep_last count). Call ldb.hook_optimizers([optimizer]) after making it; warned"
-            " once."
+            f"LayerDropBack.epoch(): a {type(optimizer).__name__} that LDB was not given steps the model, so lr_scale="
+            f"{self.settings.lr_scale} is not applied to it. Call ldb.hook_optimizers([optimizer]) after making it."
         )
 
     def _release(self) -> None:

@@ -158,10 +158,8 @@ class StepLRScaler:
             return
         self._warned.add(id(optimizer))
         warnings.warn(
-            f"LayerDropBack(lr_scale={self.scale}) cannot scale the learning rate of {type(optimizer).__name__}:"
-            f" its param groups hold lr={lrs[0]!r}, so it computes its own step size (e.g. Adafactor with"
-            " relative_step=True). DROP epochs still drop layers and scale the batch, at the optimizer's own step"
-            " size. Give the optimizer an explicit lr to have it scaled.",
+            f"LayerDropBack(lr_scale={self.scale}) cannot scale the learning rate of {type(optimizer).__name__}"
+            f" (lr={lrs[0]!r}: it computes its own step size). Give it an explicit lr to have it scaled.",
             UserWarning,
             stacklevel=2,
         )

@@ -61,12 +61,8 @@ def strategy_sync(trainer: Trainer, pl_module: LightningModule, settings: Settin
         sync = FSDP2StrategySync(trainer, settings.resample)
     else:
         raise ValueError(
-            f"LayerDropBackCallback does not support strategy {type(strategy).__name__}: LDB drops layers by setting"
-            " `requires_grad=False` on their parameters between steps, and this strategy flattens (FSDPStrategy, FSDP1),"
-            " partitions (DeepSpeed) or traces (XLA) the parameters so that per-layer flags cannot change under it."
-            " Use a single device, strategy='ddp' (any number of devices and nodes), or, to shard a model too large for"
-            " DDP, ModelParallelStrategy(data_parallel_size=<number of processes>, tensor_parallel_size=1) with"
-            " `torch.distributed.fsdp.fully_shard` (FSDP2) applied in `configure_model`; or remove LayerDropBackCallback."
+            f"LayerDropBackCallback does not support strategy {type(strategy).__name__}. Use one device, strategy='ddp',"
+            " or ModelParallelStrategy(tensor_parallel_size=1) with fully_shard (docs/ddp.md#strategies-ldb-refuses)."
         )
     undo.callback(sync.close)
     sync.setup(pl_module, undo)
@@ -120,9 +116,8 @@ def choose_communication(strategy: DDPStrategy, resample: str, requested: str = 
             else "a re-wrap builds new gradient buckets, and a stateful hook (PowerSGD) keeps its state per bucket"
         )
         raise ValueError(
-            f"LayerDropBackCallback(communication={requested!r}) cannot be used together with a"
-            f" ddp_comm_hook/ddp_comm_state on the DDPStrategy: {why}. Pass communication='auto' (LDB then keeps"
-            " your hook and only sets find_unused_parameters=True) or remove the strategy's comm hook."
+            f"LayerDropBackCallback(communication={requested!r}) cannot be used together with a ddp_comm_hook: {why}."
+            " Pass communication='auto' (keeps your hook) or remove the hook."
         )
     if requested != "auto":
         method = requested
@@ -138,10 +133,8 @@ def choose_communication(strategy: DDPStrategy, resample: str, requested: str = 
         else:
             reason = f"resample={resample!r} changes the dropped layers every step"
         raise ValueError(
-            f"LayerDropBackCallback cannot run under DDPStrategy(static_graph=True) here: {reason}, and a static"
-            " graph rejects any change of the trainable parameters under a live wrapper. Use"
-            " DDPStrategy(static_graph=False), or LayerDropBackCallback(resample='epoch') without a ddp_comm_hook"
-            " (LDB then builds a fresh wrapper whenever the trainable set changes, which static_graph accepts)."
+            f"LayerDropBackCallback cannot run under DDPStrategy(static_graph=True): {reason}. Use"
+            " static_graph=False, or resample='epoch' without a ddp_comm_hook (docs/ddp.md)."
         )
     return method
 
@@ -275,9 +268,7 @@ class FSDP2StrategySync(_StrategySync):
         size = tensor_parallel_size(cast(Any, self.trainer.strategy).device_mesh)
         if size > 1:
             raise ValueError(
-                f"LayerDropBackCallback does not support tensor parallelism (ModelParallelStrategy with"
-                f" tensor_parallel_size={size}): a tensor-parallel layer's parameters are split across ranks that"
-                " compute one forward together, and LDB has not been made to drop such a layer consistently. Use"
-                " ModelParallelStrategy(data_parallel_size=<number of processes>, tensor_parallel_size=1) with"
-                " `fully_shard` applied in `configure_model` (FSDP2 data parallelism), or remove LayerDropBackCallback."
+                f"LayerDropBackCallback does not support tensor parallelism (tensor_parallel_size={size}). Use"
+                " ModelParallelStrategy(data_parallel_size=<processes>, tensor_parallel_size=1) with fully_shard"
+                " (docs/fsdp.md)."
             )

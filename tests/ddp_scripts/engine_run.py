@@ -108,8 +108,8 @@ def run_readme(out: Path) -> None:
     draws: list[Any] = []
 
     class Recorded(LayerDropBack):  # the README imports ``lightning_ldb.LayerDropBack``: this one records its draws
-        def draw(self, epoch: int, step: Any = None) -> None:
-            super().draw(epoch, step)
+        def _draw(self, epoch: int, step: Any = None) -> None:
+            super()._draw(epoch, step)
             draws.append((epoch, step, self.dropped_layers))
 
     lightning_ldb.LayerDropBack = Recorded  # type: ignore[misc]
