@@ -264,3 +264,133 @@ def test_bookkeeping_outside_the_model_without_autograd_does_not_place_parameter
     model(torch.randn(2, 5, 4)).sum().backward()
     order = recorder.stop()
     assert averaged and order.index("embed") < order.index("encoder.layers.0.self_attn.out_proj") < order.index("head")
+
+
+# ------------------------------------------------------------------ side uses of the parameters place nothing
+# The run order is where the data meets each layer. An L2 penalty, a logged weight norm or an evaluation pass under
+# ``no_grad`` during the first training step touch every parameter, and must not move a layer into the place of the
+# real input layer or head (issue 23, item 5).
+class Calibrated(LightningModule):
+    """``inp -> body -> head`` trained with an L2 penalty (before or after the forward); ``calib`` is used in
+    evaluation only, and is registered after the head."""
+
+    def __init__(self, penalty: str = "after") -> None:
+        super().__init__()
+        self.penalty = penalty
+        self.inp = nn.Linear(4, 8)
+        self.body = nn.Sequential(*[nn.Linear(8, 8) for _ in range(3)])
+        self.head = nn.Linear(8, 3)
+        self.calib = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.body(torch.tanh(self.inp(x)))))
+
+    def l2(self) -> torch.Tensor:
+        return sum(p.pow(2).sum() for p in self.parameters())  # type: ignore[return-value]
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        penalty = self.l2() if self.penalty == "before" else None
+        loss = nn.functional.cross_entropy(self(x), y)
+        return loss + 1e-4 * (self.l2() if penalty is None else penalty)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.calib(self(batch[0]))
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(0)
+        x, y = torch.randn(16, 4, generator=generator), torch.randint(0, 3, (16,), generator=generator)
+        return DataLoader(TensorDataset(x, y), batch_size=8)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit_seeds(make_model: Any, seeds: tuple[int, ...] = (0, 1, 2), epochs: int = 5) -> list[tuple[list, Moved]]:
+    """For each seed, a fit of ``epochs`` epochs (epoch 0 full, then DROP epochs at drop_rate 0.9)."""
+    runs = []
+    for seed in seeds:
+        ldb = LayerDropBackCallback(drop_rate=0.9, every=1, keep_first=1, keep_last=1, seed=seed, batch_scale=1)
+        moved = Moved(ldb)
+        make_trainer(epochs, [ldb, moved]).fit(make_model())
+        runs.append((ldb.state_dict()["run_order"], moved))
+    return runs
+
+
+def assert_never_dropped(runs: list[tuple[list, Moved]], layer: str, epochs: int = 5) -> None:
+    for _, moved in runs:  # 3 seeds x 4 DROP epochs
+        for epoch in range(1, epochs):
+            assert layer not in moved.candidates[epoch], (epoch, moved.candidates[epoch])
+            assert not any(name.startswith(f"{layer}.") for name in moved.still[epoch]), (epoch, moved.still[epoch])
+
+
+@pytest.mark.parametrize("penalty", ["after", "before"])
+def test_an_l2_penalty_does_not_place_an_evaluation_only_layer(penalty):
+    runs = fit_seeds(lambda: Calibrated(penalty))
+    for order, moved in runs:
+        assert "calib" not in order  # not on the data path: never counted as last (or first)
+        assert order.index("inp") < order.index("body.0") < order.index("body.2") < order.index("head")
+        assert moved.candidates[1] == ("body.0", "body.1", "body.2", "calib")
+    assert_never_dropped(runs, "head")
+    assert_never_dropped(runs, "inp")
+
+
+class LogsWeightNorm(Classifier):
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.log("weight_norm", torch.stack([p.norm() for p in self.parameters()]).sum())
+
+
+def test_a_weight_norm_logged_at_the_batch_start_does_not_place_the_attention_projections_first():
+    runs = fit_seeds(lambda: LogsWeightNorm(Transformer(), (5, 4)))
+    for order, moved in runs:
+        layers = [name for name in order if name.startswith("network.") and name != "network.encoder"]
+        assert layers[0] == "network.embed" and layers[-1] == "network.head", order
+        out_proj = order.index("network.encoder.layers.0.self_attn.out_proj")
+        assert order.index("network.encoder.layers.0.self_attn") < out_proj < order.index("network.encoder.layers.0.linear1")
+        assert "network.encoder.layers.0.self_attn.out_proj" in moved.candidates[1]
+    assert_never_dropped(runs, "network.embed")
+    assert_never_dropped(runs, "network.head")
+
+
+class Probed(nn.Module):
+    """``inp -> body -> head``, and ``probe``, run on the head's output in evaluation only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 8)
+        self.body = nn.Sequential(*[nn.Linear(8, 8) for _ in range(3)])
+        self.head = nn.Linear(8, 1)
+        self.probe = nn.Linear(1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.body(torch.tanh(self.inp(x)))))
+
+
+def test_an_evaluation_pass_under_no_grad_in_the_first_epoch_block_does_not_place_layers():
+    from lightning_ldb import LayerDropBack
+
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 4, generator=generator), torch.randn(16, 1, generator=generator)
+    for seed in (0, 1, 2):
+        torch.manual_seed(0)
+        model = Probed()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        ldb = LayerDropBack(model, optimizer, drop_rate=0.9, every=1, keep_first=1, keep_last=1, seed=seed)
+        for epoch in range(5):
+            with ldb.epoch(epoch):
+                if epoch == 0:
+                    with torch.no_grad():  # an evaluation pass before training, through the probe
+                        model.eval()
+                        model.probe(model(x))
+                        model.train()
+                start = {name: p.detach().clone() for name, p in model.named_parameters()}
+                for xb, yb in zip(x.split(8), y.split(8)):
+                    nn.functional.mse_loss(model(xb), yb).backward()
+                    optimizer.step()
+                    optimizer.zero_grad()
+                if epoch:
+                    assert ldb.candidate_layers == ("body.0", "body.1", "body.2", "probe"), ldb.candidate_layers
+                    for layer in ("inp", "head"):
+                        assert not torch.equal(model.get_submodule(layer).weight, start[f"{layer}.weight"])
+        assert ldb.run_order is not None and "probe" not in ldb.run_order
+        assert ldb.run_order.index("inp") < ldb.run_order.index("head")
