@@ -210,8 +210,8 @@ class RunOrderRecorder:
 
     What is not on the data path places nothing: an operation on the model's parameters and buffers alone (an L2
     penalty, a logged weight norm, a copy) carries their owners on to its result, but a single number computed from
-    them (a reduction, or an operation on such a number) carries none, so a penalty added to the loss places no
-    layer; a forward or an operation under ``torch.no_grad`` (or ``inference_mode``) outside every module forward
+    them carries none (a reduction, or an operation on such a number; one step from a one-element parameter, as
+    ``temperature.exp()``, still carries it), so a penalty added to the loss places no layer; a forward or an operation under ``torch.no_grad`` (or ``inference_mode``) outside every module forward
     that runs with autograd (an evaluation pass, another callback's weight averaging); and everything after the
     first ``backward`` (the optimizer's update, a re-computation for activation checkpointing). Inside a forward
     that runs with autograd, ``no_grad`` parts (a frozen teacher, reentrant checkpointing) still count. A module
@@ -343,8 +343,10 @@ class _ParameterUses(TorchFunctionMode):
         owners = tuple(dict.fromkeys(name for names in known if names for name in names))
         if all(names is not None for names in known):  # the model's state alone: not on the data path yet
             number = all(out.numel() == 1 for out in outputs)
-            if number and not all(isinstance(value, nn.Parameter) for value in inputs):
-                owners = ()  # a penalty, a norm: a number from the weights, not the weights applied to the data
+            if number and not all(isinstance(value, nn.Parameter) and value.numel() == 1 for value in inputs):
+                # A penalty, a norm: a number from the weights, not the weights applied to the data. A one-element
+                # parameter keeps its owner one step (``logit_scale.exp()``, then applied to the logits).
+                owners = ()
             for out in outputs:
                 if out not in self.state:
                     self.state[out] = owners

@@ -394,3 +394,35 @@ def test_an_evaluation_pass_under_no_grad_in_the_first_epoch_block_does_not_plac
                         assert not torch.equal(model.get_submodule(layer).weight, start[f"{layer}.weight"])
         assert ldb.run_order is not None and "probe" not in ldb.run_order
         assert ldb.run_order.index("inp") < ldb.run_order.index("head")
+
+
+class SideUses(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.last = nn.Linear(4, 2)
+        self.probe = nn.Linear(2, 2)  # evaluation only
+        self.teacher = nn.Linear(4, 2)  # run without autograd inside the training forward
+        self.register_buffer("anchor", torch.zeros(2, 2))  # an L2-SP style reference for the probe
+        self.logit_scale = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = self.teacher(x)
+        return self.last(torch.tanh(self.first(x))) * self.logit_scale.exp() - target
+
+
+def test_numbers_computed_from_the_weights_alone_place_nothing_and_a_no_grad_part_of_the_forward_counts():
+    model = SideUses()
+    recorder = RunOrderRecorder(model)
+    with torch.no_grad():
+        model.probe(model(torch.ones(1, 4)))  # an evaluation pass
+    penalty = model.probe.weight.norm() + (model.probe.weight - model.anchor).pow(2).sum() + model.probe.bias.abs().max()
+    loss = model(torch.ones(3, 4)).pow(2).mean() + penalty + sum(p.pow(2).sum() for p in model.parameters())
+    loss.backward()
+    # The teacher runs without autograd, but inside the training forward; the model's own scale meets the data
+    # after the last layer (``logit_scale.exp()`` carries it there), so the model's own layer comes last.
+    order = recorder.stop()
+    assert order == ["teacher", "first", "last", ""]
+    ordered = order_layers(discover_layers(model), order)
+    assert [(layer.name, layer.observed) for layer in ordered][-1] == ("probe", False)
