@@ -426,3 +426,28 @@ def test_numbers_computed_from_the_weights_alone_place_nothing_and_a_no_grad_par
     assert order == ["teacher", "first", "last", ""]
     ordered = order_layers(discover_layers(model), order)
     assert [(layer.name, layer.observed) for layer in ordered][-1] == ("probe", False)
+
+
+def test_a_torchvision_resnet_keeps_its_order_under_side_uses_and_an_unused_calibration_layer():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None)
+    model.calib = nn.Linear(1000, 1000)  # registered after fc, used in evaluation only
+    x = torch.randn(2, 3, 16, 16)
+
+    def observe(side_uses: bool) -> list[str]:
+        recorder = RunOrderRecorder(model)
+        if side_uses:
+            with torch.no_grad():
+                model.calib(model.eval()(x))
+            model.train()
+            norm = torch.stack([p.norm() for p in model.parameters()]).sum()
+        loss = model(x).sum()
+        if side_uses:
+            loss = loss + 1e-4 * sum(p.pow(2).sum() for p in model.parameters()) + 0 * norm
+        return recorder.stop()  # before the backward, which ends the recording anyway
+
+    plain, order = observe(False), observe(True)
+    assert order == plain
+    observed = [layer.name for layer in order_layers(discover_layers(model), order) if layer.observed]
+    assert observed[0] == "conv1" and observed[-1] == "fc" and "calib" not in observed
