@@ -208,14 +208,20 @@ class RunOrderRecorder:
     the LightningModule are placed where the data meets them, and a head whose weight is tied to the
     embedding where the head runs.
 
-    What is not on the data path places nothing: an operation on the model's parameters and buffers alone (an L2
-    penalty, a logged weight norm, a copy) carries their owners on to its result, but a single number computed from
-    them carries none (a reduction, or an operation on such a number; one step from a one-element parameter, as
-    ``temperature.exp()``, still carries it), so a penalty added to the loss places no layer; a forward or an operation under ``torch.no_grad`` (or ``inference_mode``) outside every module forward
-    that runs with autograd (an evaluation pass, another callback's weight averaging); and everything after the
-    first ``backward`` (the optimizer's update, a re-computation for activation checkpointing). Inside a forward
-    that runs with autograd, ``no_grad`` parts (a frozen teacher, reentrant checkpointing) still count. A module
-    that neither runs nor has a parameter meet the data is not in the order.
+    What is not on the data path places nothing:
+
+    - operations on the model's parameters and buffers alone (an L2 penalty, a logged weight norm, a copy). Their
+      results carry the parameters' owners on, so a transposed weight applied to the data later places its module,
+      but a single number computed from them carries none (a reduction, or an operation on such a number; one
+      operation on a one-element parameter, as ``logit_scale.exp()``, still carries it): a penalty added to the
+      loss places no layer;
+    - forwards and operations under ``torch.no_grad`` (or ``inference_mode``) outside every module forward that
+      runs with autograd (an evaluation pass, another callback's weight averaging); inside such a forward,
+      ``no_grad`` parts (a frozen teacher, reentrant activation checkpointing) still count;
+    - everything after the first ``backward`` (the optimizer's update, a re-computation for activation
+      checkpointing).
+
+    A module that neither runs nor has a parameter meet the data is not in the order.
 
     Example::
 

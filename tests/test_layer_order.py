@@ -451,3 +451,23 @@ def test_a_torchvision_resnet_keeps_its_order_under_side_uses_and_an_unused_cali
     assert order == plain
     observed = [layer.name for layer in order_layers(discover_layers(model), order) if layer.observed]
     assert observed[0] == "conv1" and observed[-1] == "fc" and "calib" not in observed
+
+
+def test_a_weight_transformed_before_it_meets_the_data_places_its_module_and_checkpointed_parts_count():
+    from torch.utils.checkpoint import checkpoint
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.body = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+            self.readout = nn.Linear(4, 10, bias=False)  # its weight is applied by the model, its forward never runs
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            h = checkpoint(self.body, self.embed(tokens), use_reentrant=True)  # runs body under no_grad
+            return h @ self.readout.weight.t()
+
+    model = Model()
+    recorder = RunOrderRecorder(model)
+    model(torch.arange(3)).sum().backward()
+    assert recorder.stop() == ["", "embed", "body", "body.0", "body.1", "readout"]
