@@ -263,7 +263,7 @@ class LayerDropBack:
         self._warn_if_no_optimizer()
         self._warn_if_compiled()
         self.start_epoch(epoch)
-        handles = [self.model.register_forward_pre_hook(self._before_forward)]
+        handles = [self.model.register_forward_pre_hook(self._before_model_forward)]
         if self.run_order is None or (self.mode == DROP and self.settings.resample == "step"):
             # A loop may run parts of the model (``model.encoder(x)``, the members of a ModuleDict) and never the
             # model itself: then the first module to run after a step starts the next forward. The model's own hook
@@ -343,9 +343,10 @@ class LayerDropBack:
         self.sync.on_trainable_set_changed(key, self.dropped_layers)
 
     def end_epoch(self) -> None:
-        """Release every unit; ``step()`` runs at the unscaled LR again."""
+        """Release every unit; ``step()`` runs at the unscaled LR again (also after a step that raised)."""
         self._release()
         self.lr.scale = 1.0
+        self.lr.recover()
 
     def start_run_order(self) -> None:
         """Record the order in which modules run, from now until :meth:`finish_run_order`."""
@@ -503,6 +504,13 @@ class LayerDropBack:
         if self._driving:
             self.steps += 1
             self._stepped = True
+
+    def _before_model_forward(self, module: nn.Module, args: Any) -> None:
+        # A step that raised (caught by a "skip this batch" handler) leaves the LR it scaled: put it back before the
+        # next forward, not only at the next step. Here only, not in every module's hook: inside a closure's forward
+        # a step is running, and finding that out walks the stack.
+        self.lr.recover()
+        self._before_forward(module, args)
 
     def _before_forward(self, module: nn.Module, args: Any) -> None:
         # The first forward after an optimizer step: the step's run order is complete, and with resample="step" the
