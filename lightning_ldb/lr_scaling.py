@@ -25,6 +25,7 @@ import inspect
 import numbers
 import threading
 import warnings
+import weakref
 from collections.abc import Iterable
 from types import FrameType
 from typing import Any, Callable, Optional
@@ -56,9 +57,9 @@ class StepLRScaler:
         self.scale = 1.0
         self._before_step = before_step
         self._after_step = after_step
-        self._handles: list[RemovableHandle] = []
-        self._attached: dict[int, Optimizer] = {}
-        self._warned: set[int] = set()
+        # Held weakly: an optimizer replaced by the user (recreated each epoch) is freed with its state and hooks.
+        self._attached: weakref.WeakKeyDictionary[Optimizer, list[RemovableHandle]] = weakref.WeakKeyDictionary()
+        self._warned: weakref.WeakSet[Optimizer] = weakref.WeakSet()
         # Per optimizer being scaled: the optimizer, its groups and, per group, the unscaled lr and the
         # lr-derived entries (``LR_DERIVED_ENTRIES``) as they were before the update.
         self._unscaled: dict[int, tuple[Optimizer, list[dict[str, Any]], list[tuple[Any, dict[str, Any]]]]] = {}
@@ -74,8 +75,8 @@ class StepLRScaler:
     def is_attached(self, optimizer: Optional[Optimizer] = None) -> bool:
         """Whether ``optimizer`` is hooked; without one, whether any is (without one, no ``step()`` is scaled or seen)."""
         if optimizer is None:
-            return bool(self._attached)
-        return self._attached.get(id(optimizer)) is optimizer
+            return len(self._attached) > 0
+        return optimizer in self._attached
 
     def attach(self, optimizers: Iterable[Optimizer]) -> None:
         """Hook into ``optimizers`` (replacing any earlier attachment)."""
@@ -85,18 +86,19 @@ class StepLRScaler:
     def attach_new(self, optimizers: Iterable[Optimizer]) -> None:
         """Hook into those of ``optimizers`` not hooked yet (optimizers recreated during fit); never twice."""
         for optimizer in optimizers:
-            if self._attached.get(id(optimizer)) is optimizer:
+            if optimizer in self._attached:
                 continue
-            self._attached[id(optimizer)] = optimizer
-            self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
-            self._handles.append(optimizer.register_step_post_hook(self._post_step))
+            self._attached[optimizer] = [
+                optimizer.register_step_pre_hook(self._pre_step),
+                optimizer.register_step_post_hook(self._post_step),
+            ]
 
     def detach(self) -> None:
         """Remove the hooks, and put back any learning rate a failed step left scaled."""
         self.restore()
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        for handles in list(self._attached.values()):
+            for handle in handles:
+                handle.remove()
         self._attached.clear()
 
     def restore(self) -> None:
@@ -196,9 +198,9 @@ class StepLRScaler:
                 group[name] = _unscaled_entry(LR_DERIVED_ENTRIES[name], before, group.get(name, before), self.scale)
 
     def _warn_unscalable(self, optimizer: Optimizer, lrs: list[Any]) -> None:
-        if id(optimizer) in self._warned:
+        if optimizer in self._warned:
             return
-        self._warned.add(id(optimizer))
+        self._warned.add(optimizer)
         warnings.warn(
             f"LayerDropBack(lr_scale={self.scale}) cannot scale the learning rate of {type(optimizer).__name__}:"
             f" its param groups hold lr={lrs[0]!r}, so it computes its own step size (e.g. Adafactor with"

@@ -6,6 +6,9 @@ not only the learning-rate number.
 
 from __future__ import annotations
 
+import gc
+import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -226,3 +229,40 @@ def test_a_step_that_catches_its_failed_inner_call_is_scaled_once_and_counted_on
         assert set(used.pop(1).values()) == {0.0}  # no update
     assert kept_lrs(used) == {2 * LR} and loop.optimizer.param_groups[0]["lr"] == LR
     assert kept_lrs(loop.epoch(3, range(5, 6))) == {LR}
+
+
+# ------------------------------------------------------------------ optimizers recreated each epoch
+def test_optimizers_recreated_each_epoch_are_freed_and_each_new_one_is_scaled_on_drop_epochs():
+    # The README's recipe: `ldb.hook_optimizers([optimizer])` after making it. A replaced optimizer (Adam: two state
+    # tensors per parameter) must be freed, not kept by LDB for the rest of the run.
+    model = new_model()
+    ldb = LayerDropBack(model, (), **KWARGS)
+    replaced: list[weakref.ref[torch.optim.Optimizer]] = []
+    lr = 0.01
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # hooked: no "an optimizer LDB was not given" warning
+        for epoch in range(6):
+            optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+            ldb.hook_optimizers([optimizer])
+            with ldb.epoch(epoch):
+                x, y = batch(epoch)
+                nn.functional.mse_loss(model(x), y).backward()
+                before = {n: (p.detach().clone(), p.grad) for n, p in model.named_parameters()}
+                optimizer.step()
+                optimizer.zero_grad()
+                assert ldb.dropped_layers or epoch % 2 == 1 or epoch == 0
+            # A fresh Adam's first step moves each element by lr * g / (|g| + eps): by the lr, where |g| >> eps.
+            scale = 2.0 if epoch in (2, 4) else 1.0
+            for name, param in model.named_parameters():
+                weight, grad = before[name]
+                if grad is None:  # dropped
+                    assert torch.equal(param, weight), name
+                    continue
+                mask = grad.abs() > 1e-3
+                step = (weight - param.detach())[mask].abs()
+                assert torch.allclose(step, torch.full_like(step, lr * scale), rtol=1e-3), (epoch, name)
+            replaced.append(weakref.ref(optimizer))
+            del optimizer, before
+            gc.collect()
+            if epoch:
+                assert [ref() is None for ref in replaced[:-1]] == [True] * epoch  # every replaced one is freed
