@@ -78,6 +78,10 @@ class StepLRScaler:
             return len(self._attached) > 0
         return optimizer in self._attached
 
+    def attached(self) -> list[Optimizer]:
+        """The optimizers hooked now (those still alive)."""
+        return list(self._attached)
+
     def attach(self, optimizers: Iterable[Optimizer]) -> None:
         """Hook into ``optimizers`` (replacing any earlier attachment)."""
         self.detach()

@@ -266,3 +266,50 @@ def test_optimizers_recreated_each_epoch_are_freed_and_each_new_one_is_scaled_on
             gc.collect()
             if epoch:
                 assert [ref() is None for ref in replaced[:-1]] == [True] * epoch  # every replaced one is freed
+
+
+# ------------------------------------------------------------------ GradScaler with several optimizers
+@pytest.mark.parametrize("zero_grad", ["after the step", "between forward and backward"])
+@pytest.mark.parametrize("resample", ["epoch", "step"])
+def test_grad_scaler_steps_an_optimizer_whose_layers_are_all_dropped_without_moving_them(zero_grad, resample):
+    # One optimizer per layer group; a draw that drops every layer of one made `scaler.step(opt)` raise torch's
+    # "No inf checks were recorded for this optimizer" at the first DROP step of the plain loop.
+    model = new_model()
+    middle = {"2.0", "3.0"}  # candidates (keep_first=1, keep_last=1): all dropped at drop_rate=0.99
+    inner = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[0] in middle]
+    outer = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[0] not in middle]
+    optimizers = [torch.optim.SGD(inner, lr=LR, momentum=0.9, weight_decay=0.1), torch.optim.Adam(outer, lr=0.01)]
+    ldb = LayerDropBack(model, optimizers, **{**KWARGS, "drop_rate": 0.99}, resample=resample)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    assert scaler.is_enabled()
+    names = [n for n, _ in model.named_parameters()]
+    snapshots, dropped = [], []
+    for epoch in range(3):
+        with ldb.epoch(epoch):
+            for i in range(3):
+                x, y = batch(10 * epoch + i)
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out = model(x)
+                loss = nn.functional.mse_loss(out.float(), y)
+                if zero_grad == "between forward and backward":
+                    for optimizer in optimizers:
+                        optimizer.zero_grad()
+                scaler.scale(loss).backward()
+                for optimizer in optimizers:
+                    scaler.step(optimizer)
+                scaler.update()
+                dropped.append(set(ldb.dropped_layers))
+                if zero_grad == "after the step":
+                    for optimizer in optimizers:
+                        optimizer.zero_grad()
+        snapshots.append(dict(zip(names, (p.detach().clone() for p in model.parameters()))))
+    assert all(middle <= d for d in dropped[6:]) and all(not d for d in dropped[:6])
+    for name in names:
+        moved = not torch.equal(snapshots[2][name], snapshots[1][name])
+        is_kept = name.rsplit(".", 1)[0] not in set.union(*dropped[6:])
+        assert moved == is_kept, name  # the dropped, the whole inner optimizer's among them, bitwise unchanged
+        assert not torch.equal(snapshots[1][name], snapshots[0][name]), name  # every one trains on full epochs
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(p.grad is None for p in inner)  # no placeholder left behind
+    model[6](torch.randn(2, 8)).sum().backward()  # nor a hook: a backward after the epoch gives none
+    assert all(p.grad is None for p in inner)
