@@ -302,7 +302,8 @@ def test_a_drop_epoch_drawn_before_any_training_step_is_warned_once():
 def test_an_optimizer_made_after_the_engine_is_warned_once_and_another_models_is_not():
     # Recreated each epoch, the optimizer LDB was given is never the one that steps: the LR would stay unscaled.
     model = new_model()
-    ldb = LayerDropBack(model, sgd(model), **KWARGS)
+    given = sgd(model)  # kept by the loop (LDB holds optimizers weakly), never stepped
+    ldb = LayerDropBack(model, given, **KWARGS)
     other = nn.Linear(2, 2)  # e.g. a GAN's discriminator: its optimizer is none of LDB's business
     other_optimizer = torch.optim.SGD(other.parameters(), lr=0.1)
     with warnings.catch_warnings(record=True) as record:
