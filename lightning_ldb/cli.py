@@ -54,7 +54,7 @@ environment variable LDB_VERBOSE=1) brings all of them back, with full traceback
 
 EPILOG = """\
 examples:
-  # LDB on scikit-learn's digits: offline, about a minute on a 2-core CPU, prints a per-epoch summary
+  # LDB on scikit-learn's digits: offline, on the CPU, prints a per-epoch summary
   {prog} fit --config configs/quickstart.yaml
   # the complete configuration a command resolves to
   {prog} fit --config configs/quickstart.yaml --print_config
