@@ -1,5 +1,6 @@
 """Every ```python block in README.md runs as written, and leaves no file behind."""
 
+import ast
 import re
 from pathlib import Path
 
@@ -41,3 +42,13 @@ def test_readme_example_runs(index, tmp_path, monkeypatch):
     exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), {"__name__": "__readme__"})
     # A reader runs them in their own directory: no ./checkpoints/ or ./lightning_logs/ left there.
     assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
+def test_the_fabric_example_prints_what_ldb_did_in_each_epoch(tmp_path, monkeypatch, capsys):
+    [block] = [b for b in BLOCKS if "fabric=fabric" in b]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md (Fabric example)", "exec"), {"__name__": "__readme__"})
+    rows = [line.split(" ", 2) for line in capsys.readouterr().out.splitlines() if re.match(r"\d+ (full|drop) ", line)]
+    assert [(epoch, mode) for epoch, mode, _ in rows] == [("0", "full"), ("1", "full"), ("2", "drop"), ("3", "full")]
+    dropped = {epoch: ast.literal_eval(layers) for epoch, _, layers in rows}  # the printed tuple of layer names
+    assert dropped["0"] == dropped["1"] == dropped["3"] == () and dropped["2"]
