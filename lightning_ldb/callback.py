@@ -109,7 +109,7 @@ class LayerDropBackCallback(Callback):
             ``"accumulate"``: batches keep their size and ``accumulate_grad_batches`` (yours, multiplied) is
             ``batch_scale`` times larger on DROP epochs, so memory stays that of a full epoch while the effective
             batch, optimizer steps and DDP all-reduces are those of the larger batch (automatic optimization
-            only; no mixin needed).
+            only, not with DDP's ``static_graph=True``; no mixin needed).
         keep_first: The first ``keep_first`` layers are never dropped. ``keep_first`` and ``keep_last`` count
             the layers trainable at each draw, in the order the data flows through them on the first training
             step (a module is placed where its parameters are first used); layers that took no part in that
@@ -226,7 +226,8 @@ class LayerDropBackCallback(Callback):
         self._close_fit()  # a fit that died without teardown
         # All or nothing: whatever step fails, what the earlier ones changed is undone.
         with UndoList() as undo:
-            adapter = adapter_for(trainer.strategy, self.resample, self.communication)
+            accumulate = self.batch_scale if self.batch_scaling == "accumulate" and self.batch_scale > 1 else None
+            adapter = adapter_for(trainer.strategy, self.resample, self.communication, accumulate)
             undo.callback(adapter.close)
             adapter.setup(trainer, pl_module, undo)  # before the strategy wraps the model
             engine = LayerDropBack(pl_module, (), **self._engine_arguments(), sync=StrategySync(trainer, adapter))

@@ -57,13 +57,17 @@ class NoOpAdapter:
 _NOT_DDP_WRAPPERS = (DeepSpeedStrategy, XLAStrategy)
 
 
-def adapter_for(strategy: Strategy, resample: str, communication: str = "auto") -> StrategyAdapter:
+def adapter_for(
+    strategy: Strategy, resample: str, communication: str = "auto", accumulate: int | None = None
+) -> StrategyAdapter:
     """The adapter for ``strategy``.
 
     Args:
         strategy: The trainer's strategy.
         resample: The callback's ``resample`` (``"epoch"`` or ``"step"``).
         communication: The callback's ``communication`` (DDP's method; see :mod:`lightning_ldb.ddp`).
+        accumulate: The callback's ``batch_scale`` when DROP epochs accumulate it (``batch_scaling="accumulate"``),
+            else ``None``.
 
     Raises:
         ValueError: If LDB cannot serve the strategy (FSDPStrategy, DeepSpeed, XLA, ...).
@@ -73,7 +77,7 @@ def adapter_for(strategy: Strategy, resample: str, communication: str = "auto") 
     if isinstance(strategy, DDPStrategy) and not isinstance(strategy, _NOT_DDP_WRAPPERS):
         from lightning_ldb.ddp import DDPAdapter
 
-        return DDPAdapter(resample, communication)
+        return DDPAdapter(resample, communication, accumulate)
     if isinstance(strategy, ModelParallelStrategy):
         from lightning_ldb.fsdp import FSDP2Adapter
 
