@@ -533,8 +533,8 @@ def _render_measured(result: Mapping[str, Any]) -> list[str]:
     floor = result.get("plausibility_floor")
     if floor and floor.get("source") == "measured":
         lines.append(
-            f"The measured DROP step is slower than its FLOPs say: the plausibility floor is the measured one,"
-            f" weights {_fmt(floor['weights'], '.2f')}, block {_fmt(floor['block'], '.2f')}."
+            f"Plausibility floor (the measured one: the DROP step saves less than its FLOPs say): weights"
+            f" {_fmt(floor['weights'], '.2f')}, block {_fmt(floor['block'], '.2f')}."
         )
     if culprits and culprits.get("names"):
         kinds = culprits["kinds"]
