@@ -374,7 +374,8 @@ def profile(
     Args:
         build: Returns a fresh :class:`~lightning_ldb.bench.runner.Setup`.
         options: Its ``ldb`` settings (``drop_rate``, ``batch_scale``, ...) and ``name``.
-        steps: Timed steps per batch size, after as many warm-up steps.
+        steps: Timed steps per batch size, after as many warm-up steps; and timed full and DROP steps per
+            measured DROP-step fit, after one warm-up step of each.
         about: What was profiled (class names), recorded under ``"config"``.
         clock: The measured DROP steps' clock (:func:`~lightning_ldb.bench.drop_step.default_clock` by default;
             a test passes a deterministic one).
