@@ -428,7 +428,7 @@ def test_presets_are_configs_users_can_copy():
         assert bench.config["epochs"] and bench.config["repeats"], path
         assert isinstance(bench.model, LightningModule), path
     quick = cli.BenchCLI(cli._expand_quick(["--quick"])).config
-    assert (quick["epochs"], quick["repeats"]) == (4, 2)
+    assert (quick["epochs"], quick["repeats"]) == (4, 3)
     assert quick["variants"] == "baseline,ldb,batch-only,drop-only"
 
 
@@ -513,14 +513,15 @@ def test_each_run_is_compared_with_the_baseline_of_its_own_repetition():
     rows = {row["variant"]: row for row in report.summarize(result)}
     assert list(rows) == ["baseline", "ldb"]
     assert rows["ldb"]["speedup"] == {"mean": 0.25, "min": 0.25, "max": 0.25, "n": 2}
-    assert rows["ldb"]["verdict"]["ratios"] == [0.75, 0.75] and rows["ldb"]["verdict"]["verdict"] == "faster"
+    assert rows["ldb"]["verdict"]["ratios"] == [0.75, 0.75] and rows["ldb"]["verdict"]["speedup"] == 0.25
+    assert rows["ldb"]["verdict"]["verdict"] == "too noisy to tell"  # 2 repetitions: a 50% interval only
     assert rows["ldb"]["seconds"]["min"] == 3.0 and rows["ldb"]["seconds"]["max"] == 6.0
     assert rows["ldb"]["drop_to_full"]["mean"] == 1.0
     assert rows["ldb"]["steps"]["mean"] == 10.0
     assert rows["ldb"]["final_metric"]["mean"] == pytest.approx(0.8)
     assert rows["baseline"]["drop_to_full"] is None and rows["baseline"]["verdict"] is None
     table = report.markdown_table(report.summarize(result), report.monitored_metric(result))
-    assert "| ldb | 4.50 (3.00 to 6.00) | 1.00 | 10 | 0.800 (0.700 to 0.900) | +25.0% (+25.0 to +25.0) | faster |" in table
+    assert "| ldb | 4.50 (3.00 to 6.00) | 1.00 | 10 | 0.800 (0.700 to 0.900) | +25.0% (+25.0 to +25.0) | too noisy to tell |" in table
     assert "| baseline | 6.00 (4.00 to 8.00) | – |" in table and "final val_acc" in table
 
 
@@ -581,6 +582,16 @@ def test_a_speed_up_beyond_the_profiles_floor_is_flagged_as_noise():
     assert judged["batch-only"]["bound"]["floor"] == 0.78  # the looser of 0.78 and 1 - 0.09
     text = report.render_markdown({**result, "notes": [], "environment": _ENV, "config": _CONFIG})
     assert "beyond the 8.0% the profile allows" in text and "ldb can gain at most 8.0% (floor 0.78x)" in text
+    # The other helper's plausibility_floor, where the profile has it, is preferred to drop_epoch_ratio_floor.
+    both = {**profile, "plausibility_floor": {"weights": 0.6, "block": 0.5, "source": "measured"}}
+    assert report.profile_floor(both) == {"weights": 0.6, "block": 0.5, "ceiling": 0.09,
+                                          "source": "plausibility_floor (measured)"}  # fmt: skip
+
+
+def test_two_repetitions_are_too_noisy_for_a_verdict_however_they_agree():
+    judged = report.verdicts(_result({"baseline": [4.0, 4.0], "ldb": [3.0, 3.0]}))["ldb"]
+    assert judged["verdict"] == "too noisy to tell" and judged["confidence"] == 0.5
+    assert "a verdict needs 3 or more" in judged["reason"]
 
 
 def test_one_repetition_is_too_noisy_to_tell_and_the_advice_names_the_single_repetition():
@@ -597,6 +608,9 @@ def test_no_measurable_difference_needs_an_interval_within_five_percent_of_one()
     assert same["verdict"] == "no measurable difference"
     wide = report.verdicts(_result({"baseline": [4.0, 4.0, 4.0], "ldb": [3.4, 4.6, 4.0]}))["ldb"]
     assert wide["verdict"] == "too noisy to tell"
+    # All on one side, but 45 points apart for a 27% difference: the repetitions disagree more than the difference.
+    apart = report.verdicts(_result({"baseline": [4.0, 4.0, 4.0], "ldb": [2.0, 3.8, 2.9]}))["ldb"]
+    assert apart["verdict"] == "too noisy to tell" and apart["ratio_interval"] == [0.5, 0.95]
     slower = report.verdicts(_result({"baseline": [4.0, 4.0, 4.0], "ldb": [4.8, 4.9, 4.85]}))["ldb"]
     assert slower["verdict"] == "slower" and slower["speedup"] == pytest.approx(-0.2125)
 
@@ -610,7 +624,7 @@ def test_the_verdict_reads_the_cpu_clock_on_a_cpu_and_the_wall_clock_where_cpu_t
     assert choose_clock([{"epochs": [{**epoch, "device": "cuda"}]}])[0] == "wall"
     assert choose_clock([{"epochs": [epoch], "world_size": 2}])[0] == "wall"
     # The verdict follows the clock: the wall clock stretched by another process, the CPU time not.
-    result = _result({"baseline": [4.0, 4.0], "ldb": [3.6, 3.6]})
+    result = _result({"baseline": [4.0, 4.0, 4.0], "ldb": [3.6, 3.6, 3.6]})
     for run in result["runs"]:
         if run["variant"] == "baseline" and run["repeat"] == 1:
             for epoch in run["epochs"]:
@@ -635,6 +649,11 @@ def test_the_words_about_dropping_follow_the_direction_of_the_gap():
     whole = report.attribution_lines(rows([0.6, 0.62], [0.9, 0.92]), _result(
         {"baseline": [4.0, 4.0, 4.0], "ldb": [3.0, 3.0, 3.0], "batch-only": [3.6, 3.62, 3.58]}))[1]  # fmt: skip
     assert "the dropping made the whole run 16.7% faster than the schedule alone" in whole
+    # Dropping alone saves at most the ceiling (9%, and the margin) of its one DROP epoch in 4: 16.7% is noise.
+    bounded = _result({"baseline": [4.0, 4.0, 4.0], "ldb": [3.0, 3.0, 3.0], "batch-only": [3.6, 3.62, 3.58]},
+                      profile={"drop_epoch_ratio_floor": {"weights": 0.7}, "drop_step_ceiling": {"weights": 0.09}})
+    whole = report.attribution_lines(rows([0.6, 0.62], [0.9, 0.92]), bounded)[1]
+    assert "within the noise (+16.7%, a speed-up of 16.7% is beyond the 4.7% the profile allows" in whole
 
 
 _ENV = {"device": "CPU", "cpu": "x", "cpu_count": 2, "torch": "t", "lightning": "l", "date": "d",

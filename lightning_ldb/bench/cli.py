@@ -34,7 +34,7 @@ from lightning_ldb.bench import report
 from lightning_ldb.bench.runner import VARIANTS, BenchOptions, Setup, check_strategy, prepare, run_benchmark
 from lightning_ldb.cli import LDBCLI, LDBArgumentParser, verbose_requested
 
-#: ``--quick``: the short check's config (digits CNN on the real 8x8 digits, 4 epochs, 2 repetitions).
+#: ``--quick``: the short check's config (digits CNN on the real 8x8 digits, 4 epochs, 3 repetitions).
 QUICK_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "bench" / "quick.yaml"
 
 #: ``--out``'s default.

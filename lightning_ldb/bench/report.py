@@ -324,7 +324,12 @@ def attribution_lines(rows: list[dict[str, Any]], result: dict[str, Any] | None 
         clock = verdict_clock(result)
         ratios = stats.paired_ratios(_times(result, "ldb", clock), _times(result, "batch-only", clock))
         if ratios:
-            judged = stats.judge(ratios)
+            # Dropping alone saves at most the weights-mode ceiling (and the margin) of each DROP epoch.
+            ceiling = ((result.get("profile") or {}).get("drop_step_ceiling") or {}).get("weights")
+            epochs = next(run["epochs"] for run in result["runs"] if run["variant"] == "ldb")
+            drops = sum(1 for e in epochs if e["mode"] == DROP)
+            bound = stats.max_speedup(drops, len(epochs), 1.0 - ceiling) if ceiling is not None else None
+            judged = stats.judge(ratios, bound)
             gain = judged["speedup"]
             word = {
                 stats.FASTER: f"the dropping made the whole run {gain:.1%} faster than the schedule alone",
@@ -358,7 +363,7 @@ def verdict_sentence(variant: str, judged: dict[str, Any]) -> str:
     if judged["verdict"] in (stats.FASTER, stats.SLOWER):
         return f"{variant} {abs(gain):.1%} {judged['verdict']} than the baseline ({of})"
     if judged["verdict"] == stats.SAME:
-        return f"{variant}: no measurable difference from the baseline ({gain:+.1%}, {of})"
+        return f"{variant}: no measurable difference from the baseline, none beyond {stats.RESOLUTION:.0%} either way ({gain:+.1%}, {of})"
     return f"{variant}: too noisy to tell ({gain:+.1%}, {of}): {judged['reason']}"
 
 

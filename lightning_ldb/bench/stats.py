@@ -15,7 +15,8 @@ A verdict is one of :data:`VERDICTS`:
   difference);
 - ``no measurable difference``: the interval holds 1 and excludes any difference beyond ``resolution``
   (5%) either way;
-- ``too noisy to tell``: one repetition (no measure of the noise), an interval that holds 1 but is wider
+- ``too noisy to tell``: fewer than :data:`MIN_REPETITIONS` (3) repetitions (one measures no noise, two
+  give a 50% interval), an interval that holds 1 but is wider
   than that, an interval wider than the difference judged, or an estimate beyond what the
   profile says the run's DROP epochs can save (:func:`max_speedup`).
 """
@@ -36,6 +37,10 @@ CONFIDENCE = 0.95
 
 #: "No measurable difference" means an interval within 1 +- RESOLUTION: no difference beyond 5% either way.
 RESOLUTION = 0.05
+
+#: The fewest repetitions a verdict other than "too noisy to tell" needs: with 2, the interval (their range)
+#: covers the median with 50% confidence only, and one lucky pair would decide.
+MIN_REPETITIONS = 3
 
 #: How far below the profile's DROP-epoch floor a measured DROP epoch may still go (data loading and
 #: Lightning's per-step work, which the profile leaves out and the halved step count also saves).
@@ -144,7 +149,7 @@ def judge(
 
         >>> judge([0.95, 0.96, 0.94])["verdict"]
         'faster'
-        >>> judge([0.80, 0.99])["verdict"]  # the two repetitions disagree by more than the difference
+        >>> judge([0.80, 0.99, 0.90])["verdict"]  # the repetitions disagree by more than the difference
         'too noisy to tell'
     """
     if not ratios:
@@ -161,6 +166,10 @@ def judge(
                   " epochs, so it is the machine's noise, not LDB")  # fmt: skip
     elif n == 1:
         verdict, reason = NOISY, "one repetition: nothing measures the noise"
+    elif n < MIN_REPETITIONS:
+        verdict = NOISY
+        reason = (f"{n} repetitions give a {coverage:.0%} interval only; a verdict needs {MIN_REPETITIONS} or more"
+                  f" ({1 - estimate:+.1%} here)")  # fmt: skip
     elif low <= 1.0 <= high:
         if 1.0 - resolution <= low and high <= 1.0 + resolution:
             verdict, reason = SAME, f"the interval holds no difference beyond {resolution:.0%} either way"
