@@ -464,7 +464,7 @@ def title(result: dict[str, Any]) -> str:
         low, high = one["interval"]
         shown = f"{one['speedup']:+.1%}" + (f", {low:+.1%} to {high:+.1%}" if one["repetitions"] > 1 else ", 1 repetition")
         if one["verdict"] in (stats.FASTER, stats.SLOWER):
-            parts.append(f"{variant} {abs(one['speedup']):.1%} {one['verdict']} ({shown})")
+            parts.append(f"{variant} {abs(one['speedup']):.1%} {one['verdict']} ({low:+.1%} to {high:+.1%})")
         else:
             parts.append(f"{variant}: {one['verdict']} ({shown})")
     clock = CLOCK_NAMES[next(iter(judged.values()))["clock"]]
@@ -524,7 +524,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     handles = [plt.Line2D([], [], color=colors[v], marker="o", linestyle="-", label=v) for v in variants]
     handles.append(plt.Line2D([], [], color="black", marker="v", linestyle="", markerfacecolor="white", label="DROP epoch"))
     figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
-    figure.suptitle("\n".join(textwrap.wrap(title(result), 110)), fontsize=11)
+    figure.suptitle("\n".join(textwrap.wrap(title(result), 110, break_on_hyphens=False)), fontsize=11)
     figure.tight_layout(rect=(0, 0.07, 1, 1))
     figure.savefig(path, dpi=120)
     plt.close(figure)
