@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The method card's CPU tables: every preset (configs/bench/*.yaml) profiled, then its variants side by
-# side, 2 repetitions each, one thread. Sizes are kept small so the whole script fits a short session on
+# side, 3 repetitions each (the fewest a verdict needs), one thread, each comparison bounded by the
+# profile measured first (--profile-json); --overwrite replaces earlier results. Sizes are kept small so the whole script fits a short session on
 # 2 shared cores; raise them on the command line (--epochs, --data.init_args.train_samples) on a quiet
 # machine. Usage: bash benchmarks/run_cpu.sh [output folder]
 set -euo pipefail
