@@ -124,8 +124,10 @@ def _args(config: Path, out: Path, *more: str) -> list[str]:
 def test_config_runs_the_variants_on_the_users_model_and_data(tmp_path, capsys):
     # A profile.json given: its plausibility_floor (preferred to drop_epoch_ratio_floor) bounds the verdicts.
     given = tmp_path / "given.json"
-    given.write_text(json.dumps({"schema": "ldb-profile/1", "drop_epoch_ratio_floor": {"weights": 0.9, "block": None},
-                                 "plausibility_floor": {"weights": 0.5, "block": None, "source": "measured"}}))  # fmt: skip
+    given.write_text(json.dumps({
+        "schema": "ldb-profile/1", "drop_epoch_ratio_floor": {"weights": 0.9, "block": None},
+        "plausibility_floor": {"weights": 0.5, "block": None, "source": "measured"},
+    }))  # fmt: skip
     assert cli.main(_args(_config(tmp_path), tmp_path / "out", "--repeats", "2", "--profile-json", str(given))) == 0
     result = json.loads((tmp_path / "out" / "report.json").read_text())
     assert result["schema"].startswith("ldb-bench/")
@@ -521,7 +523,8 @@ def test_each_run_is_compared_with_the_baseline_of_its_own_repetition():
     assert rows["ldb"]["final_metric"]["mean"] == pytest.approx(0.8)
     assert rows["baseline"]["drop_to_full"] is None and rows["baseline"]["verdict"] is None
     table = report.markdown_table(report.summarize(result), report.monitored_metric(result))
-    assert "| ldb | 4.50 (3.00 to 6.00) | 1.00 | 10 | 0.800 (0.700 to 0.900) | +25.0% (+25.0 to +25.0) | too noisy to tell |" in table
+    row = "| ldb | 4.50 (3.00 to 6.00) | 1.00 | 10 | 0.800 (0.700 to 0.900) | +25.0% (+25.0 to +25.0) | too noisy to tell |"
+    assert row in table
     assert "| baseline | 6.00 (4.00 to 8.00) | – |" in table and "final val_acc" in table
 
 
@@ -574,7 +577,8 @@ def test_a_drift_that_stretches_every_repetition_alike_leaves_the_paired_verdict
 def test_a_speed_up_beyond_the_profiles_floor_is_flagged_as_noise():
     # One DROP epoch in 4 at the floor 0.78x (margin 0.10) allows 8%; a measured 20% is noise, not LDB.
     profile = {"drop_epoch_ratio_floor": {"weights": 0.78, "block": None}, "drop_step_ceiling": {"weights": 0.09}}
-    result = _result({"baseline": [4.0, 4.0, 4.0], "ldb": [3.2, 3.2, 3.2], "batch-only": [3.8, 3.8, 3.8]}, profile=profile)
+    times = {"baseline": [4.0, 4.0, 4.0], "ldb": [3.2, 3.2, 3.2], "batch-only": [3.8, 3.8, 3.8]}
+    result = _result(times, profile=profile)
     judged = report.verdicts(result)
     assert judged["ldb"]["verdict"] == "too noisy to tell" and judged["ldb"]["beyond_bound"]
     assert judged["ldb"]["bound"]["max_speedup"] == pytest.approx(0.08)

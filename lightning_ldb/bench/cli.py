@@ -155,7 +155,8 @@ def quick_summary() -> str:
         return "the digits CNN (configs/bench/quick.yaml is missing here)"
     variants = ", ".join(v.strip() for v in str(quick.get("variants", "")).split(",") if v.strip())
     model = quick.get("model", {}).get("init_args", {}).get("model", "the model")
-    return f"{model} on the real 8x8 digits, {variants}; {quick.get('epochs')} epochs, {quick.get('repeats')} repetitions"
+    epochs, repeats = quick.get("epochs"), quick.get("repeats")
+    return f"{model} on the real 8x8 digits, {variants}; {epochs} epochs, {repeats} repetitions"
 
 
 def output_folder(out: Path, named: bool, overwrite: bool) -> Path:

@@ -108,7 +108,9 @@ def monitored_metric(result: dict[str, Any]) -> str | None:
 
 
 #: The fields of an epoch record that are not metrics.
-_EPOCH_FIELDS = ("epoch", "mode", "seconds", "cpu_seconds", "steps", "batch_size", "threads", "loader_workers", "device")
+_EPOCH_FIELDS = (
+    "epoch", "mode", "seconds", "cpu_seconds", "steps", "batch_size", "threads", "loader_workers", "device"
+)  # fmt: skip
 
 
 def verdict_clock(result: dict[str, Any]) -> str:
@@ -231,7 +233,9 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
     for variant in dict.fromkeys(run["variant"] for run in result["runs"]):
         runs = [run for run in result["runs"] if run["variant"] == variant]
         ratios = [r for r in (drop_to_full_ratio(run["epochs"], skip, clock) for run in runs) if r is not None]
-        speedups = [speedup(run_seconds(run, clock), baseline[run["repeat"]]) for run in runs if run["repeat"] in baseline]
+        speedups = [
+            speedup(run_seconds(run, clock), baseline[run["repeat"]]) for run in runs if run["repeat"] in baseline
+        ]
         rows.append(
             {
                 "variant": variant,
@@ -363,7 +367,8 @@ def verdict_sentence(variant: str, judged: dict[str, Any]) -> str:
     if judged["verdict"] in (stats.FASTER, stats.SLOWER):
         return f"{variant} {abs(gain):.1%} {judged['verdict']} than the baseline ({of})"
     if judged["verdict"] == stats.SAME:
-        return f"{variant}: no measurable difference from the baseline, none beyond {stats.RESOLUTION:.0%} either way ({gain:+.1%}, {of})"
+        band = f"none beyond {stats.RESOLUTION:.0%} either way"
+        return f"{variant}: no measurable difference from the baseline, {band} ({gain:+.1%}, {of})"
     return f"{variant}: too noisy to tell ({gain:+.1%}, {of}): {judged['reason']}"
 
 
@@ -379,7 +384,9 @@ def verdict_lines(result: dict[str, Any], judged: dict[str, dict[str, Any]] | No
         if one["verdict"] == stats.NOISY:
             line += f" What would make it readable: {_advice(result, one)}."
         lines.append(line)
-        moved = {name: value for name, value in one["spread"].items() if value is not None and value > abs(one["speedup"])}
+        moved = {
+            name: value for name, value in one["spread"].items() if value is not None and value > abs(one["speedup"])
+        }
         if moved and one["verdict"] != stats.NOISY:
             named = " and ".join(f"{name}'s by {value:.0%}" for name, value in moved.items())
             lines.append(
@@ -399,7 +406,7 @@ def verdict_lines(result: dict[str, Any], judged: dict[str, dict[str, Any]] | No
         walls = "; ".join(f"{v} {one['wall']['speedup']:+.1%} ({one['wall']['verdict']})" for v, one in judged.items())
         text += f" On the wall clock: {walls}."
     else:
-        text += f" ({result.get('clock', {}).get('reason', 'training epochs, validation excluded')})."
+        text = f"Clock: {result.get('clock', {}).get('reason', CLOCK_NAMES[clock])}."
     lines.append(text)
     bounds = [(v, one["bound"]) for v, one in judged.items() if one["bound"]]
     if bounds:
@@ -445,8 +452,9 @@ def render_markdown(result: dict[str, Any]) -> str:
     skip = config["skip_epochs"]
     clock = verdict_clock(result)
     note = (f"Cells: mean (min to max over repetitions), times on {CLOCK_NAMES[clock]}"
-            + (" and the wall clock" if clock != "wall" else "") + "; speed-up: median of the paired ratios (each run"
-            " against the baseline of its repetition) with its interval. DROP / full epoch: within each run")  # fmt: skip
+            + (" and the wall clock" if clock != "wall" else "") + "; speed-up: median of the paired ratios (each"
+            " run against the baseline of its repetition) with its interval. DROP / full epoch: within each"
+            " run")  # fmt: skip
     note += f", the first {skip} epoch(s) left out as warm-up." if skip else "."
     parts = [f"# ldb-bench: {config['name']}", setup, *(f"Note: {line}" for line in result.get("notes", []))]
     parts += [markdown_table(rows, metric, clock), note, *verdict_lines(result)]
@@ -462,7 +470,8 @@ def title(result: dict[str, Any]) -> str:
     parts = []
     for variant, one in judged.items():
         low, high = one["interval"]
-        shown = f"{one['speedup']:+.1%}" + (f", {low:+.1%} to {high:+.1%}" if one["repetitions"] > 1 else ", 1 repetition")
+        spread = f", {low:+.1%} to {high:+.1%}" if one["repetitions"] > 1 else ", 1 repetition"
+        shown = f"{one['speedup']:+.1%}{spread}"
         if one["verdict"] in (stats.FASTER, stats.SLOWER):
             parts.append(f"{variant} {abs(one['speedup']):.1%} {one['verdict']} ({low:+.1%} to {high:+.1%})")
         else:
@@ -522,7 +531,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     right.set_title("each epoch's time, every repetition a point", fontsize=10)
     right.set_ylim(bottom=0)
     handles = [plt.Line2D([], [], color=colors[v], marker="o", linestyle="-", label=v) for v in variants]
-    handles.append(plt.Line2D([], [], color="black", marker="v", linestyle="", markerfacecolor="white", label="DROP epoch"))
+    drop_marker = plt.Line2D([], [], color="black", marker="v", linestyle="", markerfacecolor="white",
+                             label="DROP epoch")  # fmt: skip
+    handles.append(drop_marker)
     figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
     figure.suptitle("\n".join(textwrap.wrap(title(result), 110, break_on_hyphens=False)), fontsize=11)
     figure.tight_layout(rect=(0, 0.07, 1, 1))

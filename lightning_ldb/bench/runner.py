@@ -351,7 +351,8 @@ class EpochClock(Callback):
         self._logged = record["epoch"]
         metrics = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if is_validation_metric(k))
         self._log(
-            f"    epoch {record['epoch']} ({record['mode']}): {record['seconds']:.2f} s ({record['cpu_seconds']:.2f} s CPU),"
+            f"    epoch {record['epoch']} ({record['mode']}): {record['seconds']:.2f} s"
+            f" ({record['cpu_seconds']:.2f} s CPU),"
             f" {record['steps']} steps of"
             f" {record['batch_size']}" + (f", {metrics}" if metrics else "")
         )
@@ -518,12 +519,13 @@ def choose_clock(runs: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
     epochs = [e for run in runs for e in run["epochs"]]
     workers = max((e.get("loader_workers", 0) for e in epochs), default=0)
     if any(e.get("device") == "cuda" for e in epochs):
-        return "wall", "CUDA-synchronised wall-clock time: on a GPU the work is the device's, not this process's CPU time"
+        return "wall", ("CUDA-synchronised wall-clock time (on a GPU the work is the device's, not this process's CPU"
+                        " time)")  # fmt: skip
     if max((run.get("world_size", 1) for run in runs), default=1) > 1:
-        return "wall", "rank 0's wall-clock time: its CPU time leaves out the waits for the other ranks"
+        return "wall", "rank 0's wall-clock time (its CPU time leaves out the waits for the other ranks)"
     if workers:
-        return "wall", (f"wall-clock time: the train loader's {workers} worker processes load the data, and their CPU"
-                        " time is not this process's; other processes on a shared CPU stretch this clock")  # fmt: skip
+        return "wall", (f"wall-clock time (the train loader's {workers} worker processes load the data, and their CPU"
+                        " time is not this process's; other processes on a shared CPU stretch this clock)")  # fmt: skip
     return "cpu", "this process's CPU time"
 
 
@@ -694,7 +696,8 @@ def compare(
             to use instead; ``False``: no bound.
 
     Returns:
-        The result dict (``"schema": "ldb-bench/4"``, with ``"verdicts"``) that :func:`~lightning_ldb.bench.report.render_markdown`
+        The result dict (``"schema": "ldb-bench/4"``, with ``"verdicts"``) that
+        :func:`~lightning_ldb.bench.report.render_markdown`
         and :func:`~lightning_ldb.bench.report.plot` take.
 
     Raises:
