@@ -372,6 +372,24 @@ def test_repetitions_rotate_the_run_order_so_each_variant_takes_each_place():
     assert result["verdicts"]["ldb"]["repetitions"] == 3 and result["clock"]["verdict"] == "cpu"
 
 
+def test_every_run_starts_with_the_thread_count_the_benchmark_started_with():
+    # The CPU clock counts every thread's time: a callback that leaves torch with more threads after its fit
+    # must not give the next runs more threads (and more CPU time) than the first.
+    class MoreThreadsAfterEachFit(Callback):
+        def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+            torch.set_num_threads(torch.get_num_threads() + 1)
+
+    before = torch.get_num_threads()
+    try:
+        trainer_kwargs = {"accelerator": "cpu", "callbacks": [MoreThreadsAfterEachFit()]}
+        result = compare(lambda: UserNet(), lambda: UserData(), trainer_kwargs, variants=["baseline", "ldb"], epochs=3,
+                         repeats=1, limit_train_batches=2, log=lambda line: None, profile=False)  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+    assert {e["threads"] for run in result["runs"] for e in run["epochs"]} == {before}
+    assert result["clock"]["threads"] == before
+
+
 # ---------------------------------------------------------------------------------------------- peers
 def test_freezing_freezes_the_earliest_layers_progressively_and_restores_them():
     model = UserNet()
