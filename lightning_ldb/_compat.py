@@ -156,6 +156,12 @@ def checkpoint_triggers_on_steps(checkpoint: Any) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- argparse
+def option_strings(parser: Any) -> list[str]:
+    """Every option string ``parser`` accepts (argparse's private ``_option_string_actions``)."""
+    actions = _get(parser, "_option_string_actions", "`ldb` cannot suggest the closest option", required=False, default={})
+    return list(actions)
+
+
 def subcommand_parser(cli: Any, subcommand: Optional[str]) -> Any:
     """The parser of ``subcommand`` (``None``: the main one) of a ``LightningCLI`` (its private ``_parser``)."""
     parser = _get(cli, "_parser", "`ldb` cannot name the parser in a short error message")

@@ -484,8 +484,8 @@ def warn_if_step_checkpoints(trainer: Trainer, batch_scale: int) -> None:
     ]
     if by_step:
         rank_zero_warn(
-            f"LayerDropBackCallback(batch_scale={batch_scale}): a ModelCheckpoint(every_n_train_steps/"
-            "train_time_interval) saved on the last batch of a DROP epoch resumes the next epoch short"
+            f"LayerDropBackCallback(batch_scale={batch_scale}) with ModelCheckpoint(every_n_train_steps or"
+            " train_time_interval): a checkpoint saved on the last batch of a DROP epoch resumes the next epoch short"
             " (README.md#the-drop-epoch-batch-size)."
         )
 

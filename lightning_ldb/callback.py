@@ -129,7 +129,7 @@ class LayerDropBackCallback(Callback):
             ``"accumulate"``: batches keep their size and ``accumulate_grad_batches`` (yours, multiplied) is
             ``batch_scale`` times larger on DROP epochs, so memory stays that of a full epoch while the effective
             batch, optimizer steps and DDP all-reduces are those of the larger batch (automatic optimization
-            only; no mixin needed).
+            only, not with DDP's ``static_graph=True``; no mixin needed).
         keep_first: The first ``keep_first`` layers are never dropped. ``keep_first`` and ``keep_last`` count
             the layers trainable at each draw, in the order the data flows through them on the first training
             step (a module is placed where its parameters are first used); layers that took no part in that

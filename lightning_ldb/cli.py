@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import dis
 import importlib
 import importlib.util
+import inspect
 import logging
 import os
 import re
@@ -52,7 +54,7 @@ environment variable LDB_VERBOSE=1) brings all of them back, with full traceback
 
 EPILOG = """\
 examples:
-  # LDB on scikit-learn's digits: offline, about a minute on a 2-core CPU, prints a per-epoch summary
+  # LDB on scikit-learn's digits: offline, on the CPU, prints a per-epoch summary
   {prog} fit --config configs/quickstart.yaml
   # the complete configuration a command resolves to
   {prog} fit --config configs/quickstart.yaml --print_config
@@ -86,6 +88,8 @@ _UNION_ERROR = "Does not validate against any of the Union subtypes"
 _PARSER_KEY = re.compile(r'Parser key "([^"]+)":\s*')
 _GIVEN_CLASS = re.compile(r"Problem with given class_path '([^']+)':\s*")
 _SUBCOMMAND_IN_PROG = re.compile(r"\s+(fit|validate|test|predict)$")
+#: jsonargparse's complaint about an argument a class does not take, after :func:`_short_parse_message`.
+_NOT_ACCEPTED = re.compile(r"^--(?P<key>[\w.]+) \((?P<cls>[\w.]+)\): Option '(?P<name>[^']+)' is not accepted$")
 
 
 def verbose_requested(verbose: Optional[bool] = None) -> bool:
@@ -129,14 +133,65 @@ class LDBArgumentParser(LightningArgumentParser):
     def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
         if self.verbose or not self.exit_on_error:
             super().error(message, ex)
-        lines = [f"error: {_short_parse_message(message, ex)}"]
+        short = _short_parse_message(message, ex)
         prog = _shown_prog(self)
+        not_accepted = _NOT_ACCEPTED.match(short)
+        if not_accepted is not None:  # a class argument that does not exist: the closest one, and the class's help
+            key, class_path, name = not_accepted.group("key", "cls", "name")
+            closest = _closest(name, _init_parameters(_import_class_path(class_path)))
+            lines = [f"error: {short}" + (f"; did you mean --{key}.{closest}?" if closest else ".")]
+            lines.append(f"tip: {prog} --{key}.help {class_path} lists its arguments; --verbose shows the full error.")
+            sys.stderr.write("\n".join(lines) + "\n")
+            self.exit(2)
+        if message.startswith("unrecognized arguments: "):
+            short += "".join(self._did_you_mean(message.split(": ", 1)[1].split()))
+        lines = [f"error: {short}"]
         if ("arguments are required" in message and "model" in message) or '"subcommand"' in message:
             command = _SUBCOMMAND_IN_PROG.sub("", prog)
             lines.append(f"tip: to try LDB, run: {command} fit --config {QUICKSTART} (from a clone of the repository)")
         lines.append(f"tip: {prog} --help lists the options; --verbose shows the full error.")
         sys.stderr.write("\n".join(lines) + "\n")
         self.exit(2)
+
+
+    def _did_you_mean(self, arguments: list[str]) -> Iterator[str]:
+        """``"; did you mean --trainer.max_epochs?"`` for each unrecognized ``--option`` close to a real one."""
+        options = [option for option in _compat.option_strings(self) if option.startswith("--")]
+        several = len(arguments) > 1
+        for argument in arguments:
+            option = argument.split("=", 1)[0]
+            if option.startswith("--"):
+                prefix = option.rpartition(".")[0]  # ``--trainer`` of ``--trainer.maxepochs``: a trainer option
+                siblings = [o for o in options if o.rpartition(".")[0] == prefix]
+                closest = _closest(option, siblings)
+                if closest is not None:
+                    yield f"; {option}: did you mean {closest}?" if several else f"; did you mean {closest}?"
+
+
+def _closest(name: str, valid: list[str]) -> str | None:
+    """The valid name closest to ``name`` (``difflib``), or one ``name`` abbreviates by its initials, or ``None``."""
+    bare = name.lstrip("-").rpartition(".")[2]
+    initials = [v for v in valid if len(bare) > 1 and "".join(w[:1] for w in v.rpartition(".")[2].split("_")) == bare]
+    reverse = [v for v in valid if "".join(w[:1] for w in bare.split("_")) == v.lstrip("-").rpartition(".")[2]]
+    found = difflib.get_close_matches(name, valid, n=1, cutoff=0.6) or initials or reverse
+    return found[0] if found else None
+
+
+def _init_parameters(cls: Any) -> list[str]:
+    """The keyword arguments ``cls(...)`` takes, its bases' too where its ``__init__`` passes ``**kwargs`` on."""
+    names: list[str] = []
+    for klass in getattr(cls, "__mro__", ())[:-1]:  # not ``object``
+        if "__init__" not in vars(klass):
+            continue
+        try:
+            parameters = inspect.signature(klass.__init__).parameters.values()
+        except (TypeError, ValueError):
+            break
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        names += [p.name for p in parameters if p.kind in kinds and p.name != "self" and p.name not in names]
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            break
+    return names
 
 
 def _short_parse_message(message: str, ex: Optional[BaseException]) -> str:

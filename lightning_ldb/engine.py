@@ -21,10 +21,12 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Optional, Union
 
+import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.hooks import RemovableHandle
 
 from lightning_ldb import _compat
 from lightning_ldb.branches import BranchesSpec
@@ -150,6 +152,10 @@ class LayerDropBack:
         self._warned_composition = False
         #: Optimizers found to hold none of the model's parameters (weakly held: no id reuse, nothing kept alive).
         self._foreign_optimizers: weakref.WeakSet[Optimizer] = weakref.WeakSet()
+        # The plain loop under a GradScaler: one dropped parameter per optimizer that the draw left without any
+        # trainable parameter, given a zero placeholder gradient during each backward (see ``_watch_starved``).
+        self._placeholders: list[nn.Parameter] = []
+        self._placeholder_hooks: list[RemovableHandle] = []
         #: Whether DROP epochs load ``batch_scale`` times larger batches (said in warnings): ``True`` or ``False``, set
         #: by the callback (a mixin serves the train loader, or not); ``None`` in a plain loop (its loader's business).
         self._batch_scaled: Optional[bool] = None
@@ -195,9 +201,9 @@ class LayerDropBack:
         """
         check_int("epoch", epoch, minimum=0)
         self._warn_if_no_optimizer()
-        self._warn_about_composition(self._lr.optimizers)
+        self._warn_about_composition(self._lr.attached())
         self._start_epoch(epoch)
-        handles = [self.model.register_forward_pre_hook(self._before_forward)]
+        handles = [self.model.register_forward_pre_hook(self._before_model_forward)]
         if self.run_order is None or (self.mode == DROP and self.settings.resample == "step"):
             # A loop may run parts of the model (``model.encoder(x)``, the members of a ModuleDict) and never the
             # model itself: then the first module to run after a step starts the next forward. The model's own hook
@@ -278,12 +284,14 @@ class LayerDropBack:
         self.candidates, self.dropped, self._dropped_parameters, self._draw_key = candidates, dropped, frozen, key
         total = unique_numel(droppable)
         self._fractions.append(unique_numel(frozen) / total if total else 0.0)
+        self._watch_starved()
         self._sync.on_trainable_set_changed(key, self.dropped_layers)
 
     def _end_epoch(self) -> None:
-        """Release every unit; ``step()`` runs at the unscaled LR again."""
+        """Release every unit; ``step()`` runs at the unscaled LR again (also after a step that raised)."""
         self._release()
         self._lr.scale = 1.0
+        self._lr.recover()
 
     def _start_run_order(self) -> None:
         """Record the order in which modules run, from now until :meth:`_finish_run_order`."""
@@ -310,6 +318,7 @@ class LayerDropBack:
     def close(self) -> None:
         """Undo everything: flags, detach hooks, optimizer hooks, scaled LRs. Local only (no collective)."""
         self._stop_recorder()
+        self._unwatch_starved()
         self._units.release()
         self.dropped, self._dropped_parameters, self._draw_key = (), [], None
         self._lr.detach()
@@ -480,7 +489,41 @@ class LayerDropBack:
             f"{self.settings.lr_scale} is not applied to it. Call ldb.hook_optimizers([optimizer]) after making it."
         )
 
+    def _watch_starved(self) -> None:
+        """In the plain loop, give each optimizer this draw left with no trainable parameter a placeholder gradient.
+
+        ``torch.amp.GradScaler.step(optimizer)`` raises "No inf checks were recorded for this optimizer" when the
+        optimizer holds no gradient at all. The callback gives placeholders after the backward; a plain loop has no
+        such hook, so a post-accumulate-grad hook on the trainable parameters gives them during every backward,
+        whatever the loop's ``zero_grad`` placement. The placeholder is a zero tensor on one dropped parameter,
+        taken away by the step pre hook before the update (``_before_step``): the optimizer's parameters never move.
+        Only for such draws (a hook per parameter per backward costs a Python call each).
+        """
+        self._unwatch_starved()
+        if not self._driving or not self._freezer.frozen:
+            return  # under the Trainer the callback gives the placeholders (``on_after_backward``)
+        frozen = {id(p) for p in self._freezer.frozen}
+        for optimizer in self._lr.attached():
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            mine = [p for p in params if id(p) in frozen]
+            if mine and not any(p.requires_grad for p in params):
+                self._placeholders.append(min(mine, key=lambda p: p.numel()))
+        if self._placeholders:
+            trainable = [p for p in self.module.parameters() if p.requires_grad]
+            self._placeholder_hooks = [p.register_post_accumulate_grad_hook(self._give_placeholders) for p in trainable]
+
+    def _give_placeholders(self, _: torch.Tensor) -> None:
+        for param in self._placeholders:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+
+    def _unwatch_starved(self) -> None:
+        for handle in self._placeholder_hooks:
+            handle.remove()
+        self._placeholder_hooks, self._placeholders = [], []
+
     def _release(self) -> None:
+        self._unwatch_starved()
         if self._draw_key is None and not self._freezer.frozen:
             return
         self._units.release()
@@ -500,6 +543,13 @@ class LayerDropBack:
         if self._driving:
             self.steps += 1
             self._stepped = True
+
+    def _before_model_forward(self, module: nn.Module, args: Any) -> None:
+        # A step that raised (caught by a "skip this batch" handler) leaves the LR it scaled: put it back before the
+        # next forward, not only at the next step. Here only, not in every module's hook: inside a closure's forward
+        # a step is running, and finding that out walks the stack.
+        self._lr.recover()
+        self._before_forward(module, args)
 
     def _before_forward(self, module: nn.Module, args: Any) -> None:
         # The first forward after an optimizer step: the step's run order is complete, and with resample="step" the

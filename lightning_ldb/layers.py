@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 
 
@@ -197,24 +198,37 @@ def select_candidates(
 
 
 class RunOrderRecorder:
-    """Records the order in which ``model``'s modules take part in a step, until :meth:`stop`.
+    """Records the order in which ``model``'s modules take part in a step's data path, until :meth:`stop`.
 
-    A module is placed where its forward first uses one of its own parameters; if it does not, where its
-    forward first runs (forward pre-hooks); if its forward never runs, where an operation first uses one of its
-    parameters (a :class:`~torch.overrides.TorchFunctionMode` sees every torch operation). So
+    A module is placed where its forward first uses one of its own parameters on the data; if it does not, where
+    its forward first runs (forward pre-hooks); if its forward never runs, where an operation first combines one of
+    its parameters with the data (a :class:`~torch.overrides.TorchFunctionMode` sees every torch operation). So
     ``nn.MultiheadAttention``'s ``out_proj``, Swin's ``attn.qkv``, an ``nn.ParameterList`` or a parameter of
     the LightningModule are placed where the data meets them, and a head whose weight is tied to the
-    embedding where the head runs. Uses after the first ``backward`` (the optimizer's update, a re-computation
-    for activation checkpointing), and uses under ``torch.no_grad`` outside every module's forward (another
-    callback's weight averaging), do not count. A module that neither runs nor has a parameter used is not in
-    the order.
+    embedding where the head runs.
+
+    What is not on the data path places nothing:
+
+    - operations on the model's parameters and buffers alone (an L2 penalty, a logged weight norm, a copy). Their
+      results carry the parameters' owners on, so a transposed weight applied to the data later places its module,
+      but a single number computed from them carries none (a reduction, or an operation on such a number; one
+      operation on a one-element parameter, as ``logit_scale.exp()``, still carries it): a penalty added to the
+      loss places no layer;
+    - forwards and operations under ``torch.no_grad`` (or ``inference_mode``) outside every module forward that
+      runs with autograd (an evaluation pass, another callback's weight averaging); inside such a forward,
+      ``no_grad`` parts (a frozen teacher, reentrant activation checkpointing) still count;
+    - everything after the first ``backward`` (the optimizer's update, a re-computation for activation
+      checkpointing).
+
+    A module that neither runs nor has a parameter meet the data is not in the order.
 
     Example::
 
         >>> import torch
         >>> model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
         >>> recorder = RunOrderRecorder(model)
-        >>> _ = model(torch.zeros(1, 2))
+        >>> penalty = sum(p.pow(2).sum() for p in model.parameters())  # not on the data path
+        >>> _ = model(torch.zeros(1, 2)) + penalty
         >>> recorder.stop()
         ['', '0', '1']
     """
@@ -226,26 +240,45 @@ class RunOrderRecorder:
         self._runs: dict[str, int] = {}
         self._own_uses: dict[str, int] = {}
         self._uses: dict[str, int] = {}
-        self._active: dict[str, int] = {}  # modules whose forward is running (a module may call itself)
-        self._owners: dict[int, list[str]] = {}
+        # The module forwards running now (a module may call itself), innermost last, each with whether it counts:
+        # entered with autograd on, or inside a forward that counts.
+        self._stack: list[tuple[str, bool]] = []
+        self._active: dict[str, int] = {}
+        owners: dict[int, list[str]] = {}
         self._handles = []
         for name, module in model.named_modules(remove_duplicate=False):
             for param in module.parameters(recurse=False):
-                self._owners.setdefault(id(param), []).append(name)
+                owners.setdefault(id(param), []).append(name)
             self._handles.append(module.register_forward_pre_hook(self._entered(name)))
             self._handles.append(module.register_forward_hook(self._left(name), always_call=True))
-        self._mode: Optional[_ParameterUses] = _ParameterUses(self._owners, self._used)
+        # The model's state: each parameter with its owners, each buffer with none.
+        state: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        for buffer in model.buffers():
+            state[buffer] = ()
+        for param in model.parameters():
+            state[param] = tuple(owners.get(id(param), ()))
+        self._mode: Optional[_ParameterUses] = _ParameterUses(state, self._used)
         self._mode.__enter__()
+
+    def _counting(self) -> bool:
+        return torch.is_grad_enabled() or (bool(self._stack) and self._stack[-1][1])
 
     def _entered(self, name: str):  # noqa: ANN202
         def record(module: nn.Module, args: object) -> None:
-            self._runs.setdefault(name, self._tick())
+            counts = self._counting()
+            if counts:
+                self._runs.setdefault(name, self._tick())
+            self._stack.append((name, counts))
             self._active[name] = self._active.get(name, 0) + 1
 
         return record
 
     def _left(self, name: str):  # noqa: ANN202
         def record(module: nn.Module, args: object, output: object) -> None:
+            for index in range(len(self._stack) - 1, -1, -1):
+                if self._stack[index][0] == name:
+                    del self._stack[index]
+                    break
             if self._active.get(name, 0) > 1:
                 self._active[name] -= 1
             else:
@@ -254,8 +287,8 @@ class RunOrderRecorder:
         return record
 
     def _used(self, owners: Sequence[str]) -> None:
-        if not self._active and not torch.is_grad_enabled():
-            return  # outside the model and without autograd: another callback's bookkeeping (an EMA update)
+        if not self._counting():
+            return  # without autograd outside every training forward: an evaluation pass, an EMA update
         time = self._tick()
         for name in owners:
             self._uses.setdefault(name, time)
@@ -284,11 +317,17 @@ _BACKWARD_FUNCTIONS = (torch.Tensor.backward, torch.autograd.backward)
 
 
 class _ParameterUses(TorchFunctionMode):
-    """Calls ``on_use(owner module names)`` for each parameter of ``owners`` an operation uses, until a backward."""
+    """Calls ``on_use(owner module names)`` where an operation meets the data with the model's parameters, until a
+    backward.
 
-    def __init__(self, owners: dict[int, list[str]], on_use: Any) -> None:
+    ``state`` maps the model's parameters to their owners and its buffers to none; each result computed from
+    ``state`` alone joins it, with its inputs' owners (none for a single number, see :class:`RunOrderRecorder`).
+    Any other tensor is data.
+    """
+
+    def __init__(self, state: WeakIdKeyDictionary, on_use: Any) -> None:
         super().__init__()
-        self.owners = owners
+        self.state = state
         self.on_use = on_use
         self.recording = True
 
@@ -297,11 +336,27 @@ class _ParameterUses(TorchFunctionMode):
         if func in _BACKWARD_FUNCTIONS:
             self.recording = False
         result = func(*args, **kwargs)
-        # Only operations that compute a tensor use the parameter's values (``.shape`` or ``.dtype`` do not).
-        if self.recording and any(isinstance(value, torch.Tensor) for value in _flatten(result)):
-            for value in _flatten((args, kwargs)):
-                if isinstance(value, nn.Parameter) and id(value) in self.owners:
-                    self.on_use(self.owners[id(value)])
+        if not self.recording:
+            return result
+        # Only operations that compute a tensor use the values (``.shape`` or ``.dtype`` do not); a factory
+        # (``torch.randn``, ``torch.arange``) makes data.
+        outputs = [value for value in _flatten(result) if isinstance(value, torch.Tensor)]
+        inputs = [value for value in _flatten((args, kwargs)) if isinstance(value, torch.Tensor)]
+        if not outputs or not inputs:
+            return result
+        known = [self.state.get(value) for value in inputs]
+        owners = tuple(dict.fromkeys(name for names in known if names for name in names))
+        if all(names is not None for names in known):  # the model's state alone: not on the data path yet
+            number = all(out.numel() == 1 for out in outputs)
+            if number and not all(isinstance(value, nn.Parameter) and value.numel() == 1 for value in inputs):
+                # A penalty, a norm: a number from the weights, not the weights applied to the data. A one-element
+                # parameter keeps its owner one step (``logit_scale.exp()``, then applied to the logits).
+                owners = ()
+            for out in outputs:
+                if out not in self.state:
+                    self.state[out] = owners
+        elif owners:
+            self.on_use(owners)
         return result
 
 

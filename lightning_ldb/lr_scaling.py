@@ -11,13 +11,23 @@ backward and ``on_before_optimizer_step`` inside it), the scale is applied only 
 returned: the user's LR code, which runs in the closure, reads and writes the unscaled ``lr``, and
 its writes are kept. Without a closure (manual optimization, ``16-mixed``), the scale is applied as
 ``step`` starts.
+
+A ``step`` that raises (an out-of-memory error in a lazy state allocation, a closure that fails) runs no post hook.
+Each call is therefore tied to the frame of torch's hook wrapper that runs it: a call whose frame is no longer on the
+stack has ended, and :meth:`StepLRScaler.recover` (run by the next step, and by the engine before each forward and
+at each epoch's end) puts its learning rate back and forgets it, so the next step scales and counts as if the failed
+one had not happened.
 """
 
 from __future__ import annotations
 
+import inspect
 import numbers
+import threading
 import warnings
+import weakref
 from collections.abc import Iterable
+from types import FrameType
 from typing import Any, Callable, Optional
 
 import torch
@@ -47,27 +57,30 @@ class StepLRScaler:
         self.scale = 1.0
         self._before_step = before_step
         self._after_step = after_step
-        self._handles: list[RemovableHandle] = []
-        self._attached: dict[int, Optimizer] = {}
-        self._warned: set[int] = set()
+        # Held weakly: an optimizer replaced by the user (recreated each epoch) is freed with its state and hooks.
+        self._attached: weakref.WeakKeyDictionary[Optimizer, list[RemovableHandle]] = weakref.WeakKeyDictionary()
+        self._warned: weakref.WeakSet[Optimizer] = weakref.WeakSet()
         # Per optimizer being scaled: the optimizer, its groups and, per group, the unscaled lr and the
         # lr-derived entries (``LR_DERIVED_ENTRIES``) as they were before the update.
         self._unscaled: dict[int, tuple[Optimizer, list[dict[str, Any]], list[tuple[Any, dict[str, Any]]]]] = {}
-        # Hook calls in progress per optimizer. torch wraps each optimizer class's own ``step`` with the hooks,
-        # so a subclass whose ``step`` calls ``super().step()`` runs them twice, nested: only the outermost
-        # call may scale and unscale, or the lr is scaled twice and left scaled after the step.
-        self._depth: dict[int, int] = {}
-
-    @property
-    def optimizers(self) -> list[Optimizer]:
-        """The hooked optimizers, in the order they were hooked."""
-        return list(self._attached.values())
+        # Hook calls in progress per optimizer, outermost first, each as the frame of torch's wrapper that runs its
+        # hooks (``None`` where the interpreter has no frames). torch wraps each optimizer class's own ``step`` with
+        # the hooks, so a subclass whose ``step`` calls ``super().step()`` runs them twice, nested: only the outermost
+        # call may scale and unscale, or the lr is scaled twice and left scaled after the step. A call that raised
+        # runs no post hook: its frame has left the stack, which is how :meth:`recover` tells it from a nested one.
+        # Held strongly while listed (a step's own frame, gone at its post hook), so no frame id is ever reused.
+        # With the thread the calls run in: another thread's stack (a DataParallel replica's forward) says nothing.
+        self._calls: dict[int, tuple[int, list[FrameType | None]]] = {}
 
     def is_attached(self, optimizer: Optional[Optimizer] = None) -> bool:
         """Whether ``optimizer`` is hooked; without one, whether any is (without one, no ``step()`` is scaled or seen)."""
         if optimizer is None:
-            return bool(self._attached)
-        return self._attached.get(id(optimizer)) is optimizer
+            return len(self._attached) > 0
+        return optimizer in self._attached
+
+    def attached(self) -> list[Optimizer]:
+        """The optimizers hooked now (those still alive)."""
+        return list(self._attached)
 
     def attach(self, optimizers: Iterable[Optimizer]) -> None:
         """Hook into ``optimizers`` (replacing any earlier attachment)."""
@@ -77,30 +90,57 @@ class StepLRScaler:
     def attach_new(self, optimizers: Iterable[Optimizer]) -> None:
         """Hook into those of ``optimizers`` not hooked yet (optimizers recreated during fit); never twice."""
         for optimizer in optimizers:
-            if self._attached.get(id(optimizer)) is optimizer:
+            if optimizer in self._attached:
                 continue
-            self._attached[id(optimizer)] = optimizer
-            self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
-            self._handles.append(optimizer.register_step_post_hook(self._post_step))
+            self._attached[optimizer] = [
+                optimizer.register_step_pre_hook(self._pre_step),
+                optimizer.register_step_post_hook(self._post_step),
+            ]
 
     def detach(self) -> None:
         """Remove the hooks, and put back any learning rate a failed step left scaled."""
         self.restore()
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        for handles in list(self._attached.values()):
+            for handle in handles:
+                handle.remove()
         self._attached.clear()
 
     def restore(self) -> None:
-        """Put back the unscaled ``lr`` of any optimizer whose step raised before its post hook."""
+        """Put back the unscaled ``lr`` of every optimizer, and forget every step call (only with no step running)."""
         for key in list(self._unscaled):
             self._unscale(key)
-        self._depth.clear()
+        self._calls.clear()
+
+    def recover(self) -> None:
+        """Forget the step calls that raised (before their post hook), and put back the ``lr`` they left scaled.
+
+        Safe at any time, inside a step too: a call still running (its frame on the stack) is left alone.
+        """
+        if self._calls:
+            live = _frames_on_stack()
+            for key in list(self._calls):
+                self._forget_ended_calls(key, live)
+
+    def _forget_ended_calls(self, key: int, live: set[int]) -> None:
+        thread, calls = self._calls[key]
+        if thread != threading.get_ident():
+            return
+        while calls and calls[-1] is not None and id(calls[-1]) not in live:
+            calls.pop()  # ended by an exception: the frames it ran in are gone
+        if not calls:
+            del self._calls[key]
+            self._unscale(key)  # the outermost call raised: as if it had not happened
 
     def _pre_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> Optional[tuple[Any, Any]]:
-        depth = self._depth.get(id(optimizer), 0)
-        self._depth[id(optimizer)] = depth + 1
-        if depth:
+        key = id(optimizer)
+        if key in self._calls:  # nested in a running call, or left behind by a call that raised
+            self._forget_ended_calls(key, _frames_on_stack())
+        frame = inspect.currentframe()
+        caller = frame.f_back if frame is not None else None  # torch's wrapper, alive until this call's post hook
+        del frame
+        calls = self._calls.setdefault(key, (threading.get_ident(), []))[1]
+        calls.append(caller)
+        if len(calls) > 1:
             return None  # nested: the outer call has done it all
         closure, positional = _find_closure(args, kwargs)
         if closure is None:
@@ -119,11 +159,19 @@ class StepLRScaler:
         return args, {**kwargs, "closure": scaled_after}
 
     def _post_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        depth = self._depth.pop(id(optimizer), 1) - 1
-        if depth:
-            self._depth[id(optimizer)] = depth
+        key = id(optimizer)
+        calls = self._calls.get(key, (0, []))[1]
+        frame = inspect.currentframe()
+        caller = frame.f_back if frame is not None else None  # the same wrapper frame as this call's pre hook
+        del frame
+        # This call's entry, and those of the calls nested in it that raised (a subclass that caught its failure).
+        while calls:
+            if calls.pop() is caller:
+                break
+        if calls:
             return  # nested: the outer call puts the lr back
-        self._unscale(id(optimizer))
+        self._calls.pop(key, None)
+        self._unscale(key)
         if self._after_step is not None:
             self._after_step(optimizer)
 
@@ -154,15 +202,25 @@ class StepLRScaler:
                 group[name] = _unscaled_entry(LR_DERIVED_ENTRIES[name], before, group.get(name, before), self.scale)
 
     def _warn_unscalable(self, optimizer: Optimizer, lrs: list[Any]) -> None:
-        if id(optimizer) in self._warned:
+        if optimizer in self._warned:
             return
-        self._warned.add(id(optimizer))
+        self._warned.add(optimizer)
         warnings.warn(
             f"LayerDropBack(lr_scale={self.scale}) cannot scale the learning rate of {type(optimizer).__name__}"
             f" (lr={lrs[0]!r}: it computes its own step size). Give it an explicit lr to have it scaled.",
             UserWarning,
             stacklevel=2,
         )
+
+
+def _frames_on_stack() -> set[int]:
+    """The ids of the frames on the calling thread's stack (compared only with frames held alive)."""
+    live: set[int] = set()
+    frame = inspect.currentframe()
+    while frame is not None:
+        live.add(id(frame))
+        frame = frame.f_back
+    return live
 
 
 def _find_closure(args: Any, kwargs: Any) -> tuple[Optional[Callable[..., Any]], bool]:

@@ -56,7 +56,8 @@ def strategy_sync(trainer: Trainer, pl_module: LightningModule, settings: Settin
     if type(strategy) is SingleDeviceStrategy:
         return LocalSync()
     if wraps_in_ddp(strategy):
-        sync = DDPStrategySync(trainer, settings.resample, settings.communication)
+        accumulate = settings.batch_scale if settings.batch_scaling == "accumulate" and settings.batch_scale > 1 else None
+        sync = DDPStrategySync(trainer, settings.resample, settings.communication, accumulate)
     elif isinstance(strategy, ModelParallelStrategy):
         sync = FSDP2StrategySync(trainer, settings.resample)
     else:
@@ -146,12 +147,17 @@ class DDPStrategySync(_StrategySync):
         trainer: The trainer of the fit.
         resample: ``"epoch"`` or ``"step"``; with ``communication="auto"`` it decides the method.
         communication: The callback's ``communication``.
+        accumulate: The callback's ``batch_scale`` when DROP epochs accumulate it (``batch_scaling="accumulate"``),
+            else ``None``.
     """
 
-    def __init__(self, trainer: Trainer, resample: str, communication: str = "auto") -> None:
+    def __init__(
+        self, trainer: Trainer, resample: str, communication: str = "auto", accumulate: Optional[int] = None
+    ) -> None:
         super().__init__(trainer, resample)
         self.resample = resample
         self.communication = communication
+        self.accumulate = accumulate
         self.method = "rewrap"
         # The trainable parameters the current wrapper reduces, and that wrapper; ``None``: unknown.
         self._wrapped_trainable: Optional[tuple[int, ...]] = None
@@ -162,13 +168,22 @@ class DDPStrategySync(_StrategySync):
         """Choose the communication method and configure DDP before it wraps the model.
 
         Raises:
-            ValueError: If the strategy's DDP settings cannot serve LDB (see :func:`choose_communication`).
+            ValueError: If the strategy's DDP settings cannot serve LDB (see :func:`choose_communication`), or if
+                DROP epochs accumulate under ``static_graph=True``.
         """
         strategy = cast(DDPStrategy, self.trainer.strategy)
         requested = self.communication
         self.method = choose_communication(strategy, self.resample, requested)
         # Lightning reads these kwargs when it wraps the model, after this hook; the fit's undo list puts them back.
         kwargs = _compat.ddp_kwargs(strategy)
+        if self.accumulate is not None and kwargs.get("static_graph"):
+            # DDP's static graph cannot accumulate (no_sync): the first accumulated DROP step would raise torch's
+            # ``expect_autograd_hooks_ INTERNAL ASSERT FAILED``, after the full epochs have run.
+            raise ValueError(
+                f"LayerDropBackCallback(batch_scaling='accumulate', batch_scale={self.accumulate}) cannot run under"
+                " DDPStrategy(static_graph=True): a static graph cannot accumulate gradients, and DROP epochs do."
+                " Use batch_scaling='loader' or DDPStrategy(static_graph=False)."
+            )
         forced = ""
         if self.method in ("hook", "find_unused") and not kwargs.get("find_unused_parameters"):
             undo.set_item(kwargs, "find_unused_parameters", True)

@@ -116,15 +116,32 @@ data:
 
 
 def _args(config: Path, out: Path, *more: str) -> list[str]:
-    return ["--config", str(config), "--epochs", "3", "--repeats", "1", "--limit-train-batches", "4", "--out",
-            str(out), *more]  # fmt: skip
+    return ["--config", str(config), "--epochs", "3", "--repeats", "1", "--limit-train-batches", "4",
+            "--profile-steps", "2", "--out", str(out), *more]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- --config
 def test_config_runs_the_variants_on_the_users_model_and_data(tmp_path, capsys):
-    assert cli.main(_args(_config(tmp_path), tmp_path / "out")) == 0
+    # A profile.json given: its plausibility_floor (preferred to drop_epoch_ratio_floor) bounds the verdicts.
+    given = tmp_path / "given.json"
+    given.write_text(json.dumps({
+        "schema": "ldb-profile/1", "drop_epoch_ratio_floor": {"weights": 0.9, "block": None},
+        "plausibility_floor": {"weights": 0.5, "block": None, "source": "measured"},
+    }))  # fmt: skip
+    assert cli.main(_args(_config(tmp_path), tmp_path / "out", "--repeats", "2", "--profile-json", str(given))) == 0
     result = json.loads((tmp_path / "out" / "report.json").read_text())
     assert result["schema"].startswith("ldb-bench/")
+    # Machine-readable verdicts: one per variant against the baseline, on the CPU clock (CPU, in-process data).
+    assert result["clock"]["verdict"] == "cpu" and set(result["verdicts"]) == {"ldb", "batch-only"}
+    ldb_verdict = result["verdicts"]["ldb"]
+    assert ldb_verdict["verdict"] in report.stats.VERDICTS and ldb_verdict["clock"] == "cpu"
+    assert ldb_verdict["repetitions"] == 2 and len(ldb_verdict["interval"]) == 2
+    assert ldb_verdict["bound"]["floor"] == 0.5 and "plausibility_floor (measured)" in ldb_verdict["bound"]["source"]
+    assert ldb_verdict["wall"]["verdict"] in report.stats.VERDICTS  # the wall clock's, for reference
+    # Rotated order: repetition 2 starts with the second variant; every epoch carries both clocks.
+    assert [(r["variant"], r["repeat"]) for r in result["runs"]][3] == ("ldb", 1)
+    assert all(e["cpu_seconds"] > 0 and e["seconds"] > 0 for r in result["runs"] for e in r["epochs"])
+    result["runs"] = [run for run in result["runs"] if run["repeat"] == 0]  # the rest as with one repetition
     runs = {run["variant"]: run["epochs"] for run in result["runs"]}
     assert list(runs) == ["baseline", "ldb", "batch-only"]  # no residual branch: no ldb-block
     # The config's LayerDropBackCallback gave the settings (drop_rate 0.5, keep_first 1), not the paper's.
@@ -140,11 +157,15 @@ def test_config_runs_the_variants_on_the_users_model_and_data(tmp_path, capsys):
     for epoch in (0, 1):
         assert len({(e[epoch]["val_accuracy"], e[epoch]["val_loss"]) for e in runs.values()}) == 1
     markdown = (tmp_path / "out" / "report.md").read_text()
-    assert "final val_accuracy" in markdown and "| batch-only |" in markdown and "Verdict:" in markdown
+    assert "final val_accuracy" in markdown and "| batch-only |" in markdown and "Verdict: ldb" in markdown
+    assert "Clock: this process's CPU time" in markdown and "Bound: the profile's DROP-epoch floor" in markdown
     assert "ModelCheckpoint" in markdown  # the user's checkpointing is left out, and the report says so
     assert not list(tmp_path.glob("**/*.ckpt")) and not (tmp_path / "lightning_logs").exists()
     assert (tmp_path / "out" / "report.png").stat().st_size > 0
-    assert "does not use" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "profile.json").read_text())["plausibility_floor"]["weights"] == 0.5
+    out = capsys.readouterr().out
+    assert "does not use" not in out
+    assert f"Wrote report.json, report.md, report.png and profile.json in {tmp_path / 'out'}/" in out
 
 
 def test_config_without_the_mixin_runs_at_the_base_batch_and_says_so(tmp_path, capsys):
@@ -328,7 +349,7 @@ def test_every_variant_starts_alike_and_sees_the_same_batches():
     result = compare(
         lambda: UserNet(), lambda: UserData(), {"accelerator": "cpu", "callbacks": [recorder]},
         variants=["baseline", "ldb", "batch-only", "freezing"], epochs=4, repeats=1, seed=5,
-        ldb={"keep_first": 1, "keep_last": 1}, limit_train_batches=4, log=lambda line: None,
+        ldb={"keep_first": 1, "keep_last": 1}, limit_train_batches=4, log=lambda line: None, profile=False,
     )  # fmt: skip
     runs = {run["variant"]: run["epochs"] for run in result["runs"]}
     # Same initial weights, batches and order: the full epochs 0 and 1 end with equal validation metrics.
@@ -340,12 +361,33 @@ def test_every_variant_starts_alike_and_sees_the_same_batches():
     assert runs["baseline"][2]["val_loss"] != runs["batch-only"][2]["val_loss"]  # the DROP epoch did differ
 
 
-def test_repetitions_alternate_the_run_order():
-    result = compare(lambda: UserNet(), lambda: UserData(), {"accelerator": "cpu"}, variants=["baseline", "ldb"],
-                     epochs=3, repeats=2, limit_train_batches=2, log=lambda line: None)  # fmt: skip
-    assert [(run["variant"], run["repeat"]) for run in result["runs"]] == [
-        ("baseline", 0), ("ldb", 0), ("ldb", 1), ("baseline", 1)
-    ]  # fmt: skip
+def test_repetitions_rotate_the_run_order_so_each_variant_takes_each_place():
+    result = compare(lambda: UserNet(), lambda: UserData(), {"accelerator": "cpu"},
+                     variants=["baseline", "ldb", "batch-only"], epochs=3, repeats=3, limit_train_batches=2,
+                     log=lambda line: None, profile=False)  # fmt: skip
+    order = [(run["variant"], run["repeat"]) for run in result["runs"]]
+    assert order == [("baseline", 0), ("ldb", 0), ("batch-only", 0), ("ldb", 1), ("batch-only", 1), ("baseline", 1),
+                     ("batch-only", 2), ("baseline", 2), ("ldb", 2)]  # fmt: skip
+    assert result["profile"] is None and result["verdicts"]["ldb"]["bound"] is None  # profile=False: no bound
+    assert result["verdicts"]["ldb"]["repetitions"] == 3 and result["clock"]["verdict"] == "cpu"
+
+
+def test_every_run_starts_with_the_thread_count_the_benchmark_started_with():
+    # The CPU clock counts every thread's time: a callback that leaves torch with more threads after its fit
+    # must not give the next runs more threads (and more CPU time) than the first.
+    class MoreThreadsAfterEachFit(Callback):
+        def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+            torch.set_num_threads(torch.get_num_threads() + 1)
+
+    before = torch.get_num_threads()
+    try:
+        trainer_kwargs = {"accelerator": "cpu", "callbacks": [MoreThreadsAfterEachFit()]}
+        result = compare(lambda: UserNet(), lambda: UserData(), trainer_kwargs, variants=["baseline", "ldb"], epochs=3,
+                         repeats=1, limit_train_batches=2, log=lambda line: None, profile=False)  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+    assert {e["threads"] for run in result["runs"] for e in run["epochs"]} == {before}
+    assert result["clock"]["threads"] == before
 
 
 # ---------------------------------------------------------------------------------------------- peers
@@ -406,7 +448,7 @@ def test_presets_are_configs_users_can_copy():
         assert bench.config["epochs"] and bench.config["repeats"], path
         assert isinstance(bench.model, LightningModule), path
     quick = cli.BenchCLI(cli._expand_quick(["--quick"])).config
-    assert (quick["epochs"], quick["repeats"]) == (4, 2)
+    assert (quick["epochs"], quick["repeats"]) == (4, 3)
     assert quick["variants"] == "baseline,ldb,batch-only,drop-only"
 
 
@@ -424,9 +466,14 @@ def test_variants_change_only_what_they_measure():
 
 
 # ---------------------------------------------------------------------------------------------- a user of the library
+#: The library modules whose public names the profile uses to drop as a DROP step does.
+DROP_MECHANISM = ("lightning_ldb.dropping",)
+
+
 def test_the_benchmark_imports_only_public_names_of_the_library():
     """The benchmark reaches the library as a user does: ``lightning_ldb.__all__``, the examples' public names,
-    the ``ldb`` command's public classes, and itself."""
+    the ``ldb`` command's public classes, and itself; and the profile the public classes of the dropping mechanism
+    (freezing, block mode's detaching), so that its ceilings drop what a DROP step drops."""
     public = {
         "lightning_ldb": set(lightning_ldb.__all__),
         "lightning_ldb.examples": set(lightning_ldb.examples.__all__),
@@ -447,6 +494,8 @@ def test_the_benchmark_imports_only_public_names_of_the_library():
                     continue
                 if module == "lightning_ldb.cli" and name is not None and not name.startswith("_"):
                     continue  # the ldb command's parser, reused by ldb-bench
+                if module in DROP_MECHANISM and name is not None and not name.startswith("_"):
+                    continue  # the profile drops as a DROP step does, with the library's own mechanism
                 offending.append(f"{path.name}: from {module} import {name}")
     assert not offending, offending
 
@@ -491,35 +540,195 @@ def test_each_run_is_compared_with_the_baseline_of_its_own_repetition():
     rows = {row["variant"]: row for row in report.summarize(result)}
     assert list(rows) == ["baseline", "ldb"]
     assert rows["ldb"]["speedup"] == {"mean": 0.25, "min": 0.25, "max": 0.25, "n": 2}
+    assert rows["ldb"]["verdict"]["ratios"] == [0.75, 0.75] and rows["ldb"]["verdict"]["speedup"] == 0.25
+    assert rows["ldb"]["verdict"]["verdict"] == "too noisy to tell"  # 2 repetitions: a 50% interval only
     assert rows["ldb"]["seconds"]["min"] == 3.0 and rows["ldb"]["seconds"]["max"] == 6.0
     assert rows["ldb"]["drop_to_full"]["mean"] == 1.0
     assert rows["ldb"]["steps"]["mean"] == 10.0
     assert rows["ldb"]["final_metric"]["mean"] == pytest.approx(0.8)
-    assert rows["baseline"]["drop_to_full"] is None
+    assert rows["baseline"]["drop_to_full"] is None and rows["baseline"]["verdict"] is None
     table = report.markdown_table(report.summarize(result), report.monitored_metric(result))
-    assert "| ldb | 4.50 (3.00 to 6.00) | 1.00 | 10 | 0.800 (0.700 to 0.900) | +25.0% |" in table
+    row = "| ldb | 4.50 (3.00 to 6.00) | 1.00 | 10 | 0.800 (0.700 to 0.900) | +25.0% (+25.0 to +25.0) | too noisy to tell |"
+    assert row in table
     assert "| baseline | 6.00 (4.00 to 8.00) | – |" in table and "final val_acc" in table
 
 
-def test_verdict_says_no_measurable_difference_when_the_range_crosses_zero():
-    rows = [
-        {"variant": "baseline", "speedup": report.spread([0.0, 0.0])},
-        {"variant": "ldb", "speedup": report.spread([-0.145, 0.109])},
-        {"variant": "batch-only", "speedup": report.spread([0.10, 0.20])},
-    ]
-    lines = report.verdict_lines(rows, epochs=4, repeats=2)
-    assert lines[0] == "Verdict: batch-only 15.0% faster (range +10.0% to +20.0%) than the baseline, whole run, in every repetition."
-    assert "ldb: no measurable difference from the baseline (-1.8%, range -14.5% to +10.9% over 2 repetitions)" in lines[1]
-    assert "more epochs (--epochs 8" in lines[2] and "more repetitions (--repeats 4)" in lines[2]
-    assert report.verdict_lines(rows[2:], epochs=4, repeats=2) == lines[:1]  # measurable: no advice
+# ---------------------------------------------------------------------------------------------- statistics
+def _result(times: dict, modes=None, profile=None, clock="cpu") -> dict:
+    """A benchmark result from whole-run times per variant and repetition, spread evenly over 4 epochs
+    (DROP epoch 2 for the LDB variants); both clocks get the same times."""
+    runs = []
+    for variant, per_repeat in times.items():
+        for repeat, seconds in enumerate(per_repeat):
+            run = _run(variant, repeat, [seconds / 4] * 4, modes or (
+                ["full", "full", "drop", "full"] if variant != "baseline" else None))  # fmt: skip
+            for epoch in run["epochs"]:
+                epoch["cpu_seconds"] = epoch["seconds"]
+            runs.append(run)
+    return {"config": {"skip_epochs": 1, "epochs": 4, "repeats": 3, "name": "synthetic"}, "environment": {},
+            "clock": {"verdict": clock, "threads": 1}, "profile": profile, "runs": runs}  # fmt: skip
 
 
-def test_attribution_separates_the_schedule_from_the_dropping():
-    rows = [
-        {"variant": "ldb", "speedup": report.spread([0.30]), "drop_to_full": report.spread([0.6])},
-        {"variant": "batch-only", "speedup": report.spread([0.20]), "drop_to_full": report.spread([0.9])},
-    ]
-    epochs, whole = report.attribution_lines(rows)
-    assert "0.60x a full epoch" in epochs and "0.90x with batch-only" in epochs
-    assert "+30.0%" in whole and "+20.0%" in whole and "adds +10.0%" in whole
-    assert report.attribution_lines(rows[:1]) == []
+def test_median_interval_is_the_range_below_six_repetitions_and_narrows_after():
+    assert report.stats.median_interval([3.0, 1.0]) == (1.0, 3.0, 0.5)
+    assert report.stats.median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0, 0.75)
+    low, high, coverage = report.stats.median_interval([float(v) for v in range(10)])
+    assert (low, high) == (1.0, 8.0) and coverage == pytest.approx(1 - 2 * 11 / 1024)  # k = 2 of 10: 97.9%
+    assert report.stats.max_speedup(1, 4, floor=0.78) == pytest.approx(0.25 * 0.32)  # margin 0.10: 0.68x at best
+    with pytest.raises(ValueError, match="ratios"):
+        report.stats.judge([])
+
+
+def test_a_slow_baseline_repetition_makes_the_verdict_too_noisy_not_faster_in_every_repetition():
+    # The issue's case: the baseline's repetitions at 2.72 s and 4.65 s; ldb at 3.0 and 3.1 s in both.
+    judged = report.verdicts(_result({"baseline": [2.72, 4.65], "ldb": [3.0, 3.1]}))["ldb"]
+    assert judged["verdict"] == "too noisy to tell" and not judged["beyond_bound"]
+    assert judged["spread"]["baseline"] == pytest.approx((4.65 - 2.72) / 3.685)
+    lines = report.verdict_lines(_result({"baseline": [2.72, 4.65], "ldb": [3.0, 3.1]}))
+    assert lines[0].startswith("Verdict: ldb: too noisy to tell") and "more repetitions (--repeats 5)" in lines[0]
+    assert not any("faster" in line for line in lines[:1])
+
+
+def test_a_drift_that_stretches_every_repetition_alike_leaves_the_paired_verdict_standing():
+    # The machine slows down 40% per repetition; ldb takes 0.9x the baseline's time in each of them.
+    result = _result({"baseline": [4.0, 5.6, 7.84], "ldb": [3.6, 5.04, 7.056]})
+    judged = report.verdicts(result)["ldb"]
+    assert judged["verdict"] == "faster" and judged["speedup"] == pytest.approx(0.1)
+    # Each variant's own repetitions moved by far more than the 10% judged, and the report says so.
+    assert judged["spread"]["ldb"] > 0.5 and judged["spread"]["baseline"] > 0.5
+    assert any("the machine's speed changed between repetitions" in line for line in report.verdict_lines(result))
+
+
+def test_a_speed_up_beyond_the_profiles_floor_is_flagged_as_noise():
+    # One DROP epoch in 4 at the floor 0.78x (margin 0.10) allows 8%; a measured 20% is noise, not LDB.
+    profile = {"drop_epoch_ratio_floor": {"weights": 0.78, "block": None}, "drop_step_ceiling": {"weights": 0.09}}
+    times = {"baseline": [4.0, 4.0, 4.0], "ldb": [3.2, 3.2, 3.2], "batch-only": [3.8, 3.8, 3.8]}
+    result = _result(times, profile=profile)
+    judged = report.verdicts(result)
+    assert judged["ldb"]["verdict"] == "too noisy to tell" and judged["ldb"]["beyond_bound"]
+    assert judged["ldb"]["bound"]["max_speedup"] == pytest.approx(0.08)
+    assert judged["batch-only"]["verdict"] == "faster" and not judged["batch-only"]["beyond_bound"]  # 5%, within
+    assert judged["batch-only"]["bound"]["floor"] == 0.78  # the looser of 0.78 and 1 - 0.09
+    text = report.render_markdown({**result, "notes": [], "environment": _ENV, "config": _CONFIG})
+    assert "beyond the 8.0% the profile allows" in text and "ldb can gain at most 8.0% (floor 0.78x)" in text
+    # The other helper's plausibility_floor, where the profile has it, is preferred to drop_epoch_ratio_floor.
+    both = {**profile, "plausibility_floor": {"weights": 0.6, "block": 0.5, "source": "measured"}}
+    assert report.profile_floor(both) == {"weights": 0.6, "block": 0.5, "ceiling": 0.09,
+                                          "source": "plausibility_floor (measured)"}  # fmt: skip
+
+
+def test_two_repetitions_are_too_noisy_for_a_verdict_however_they_agree():
+    judged = report.verdicts(_result({"baseline": [4.0, 4.0], "ldb": [3.0, 3.0]}))["ldb"]
+    assert judged["verdict"] == "too noisy to tell" and judged["confidence"] == 0.5
+    assert "a verdict needs 3 or more" in judged["reason"]
+
+
+def test_one_repetition_is_too_noisy_to_tell_and_the_advice_names_the_single_repetition():
+    result = _result({"baseline": [4.0], "ldb": [2.0]})
+    judged = report.verdicts(result)["ldb"]
+    assert judged["verdict"] == "too noisy to tell" and judged["repetitions"] == 1
+    line = report.verdict_lines(result)[0]
+    assert "one repetition, no interval" in line and "a single repetition measures no noise" in line
+    assert "small" not in line
+
+
+def test_no_measurable_difference_needs_an_interval_within_five_percent_of_one():
+    same = report.verdicts(_result({"baseline": [4.0, 4.0, 4.0], "ldb": [3.96, 4.04, 4.0]}))["ldb"]
+    assert same["verdict"] == "no measurable difference"
+    wide = report.verdicts(_result({"baseline": [4.0, 4.0, 4.0], "ldb": [3.4, 4.6, 4.0]}))["ldb"]
+    assert wide["verdict"] == "too noisy to tell"
+    # All on one side, but 45 points apart for a 27% difference: the repetitions disagree more than the difference.
+    apart = report.verdicts(_result({"baseline": [4.0, 4.0, 4.0], "ldb": [2.0, 3.8, 2.9]}))["ldb"]
+    assert apart["verdict"] == "too noisy to tell" and apart["ratio_interval"] == [0.5, 0.95]
+    slower = report.verdicts(_result({"baseline": [4.0, 4.0, 4.0], "ldb": [4.8, 4.9, 4.85]}))["ldb"]
+    assert slower["verdict"] == "slower" and slower["speedup"] == pytest.approx(-0.2125)
+
+
+def test_the_verdict_reads_the_cpu_clock_on_a_cpu_and_the_wall_clock_where_cpu_time_misses_work():
+    from lightning_ldb.bench.runner import choose_clock
+
+    epoch = {"loader_workers": 0, "device": "cpu"}
+    assert choose_clock([{"epochs": [epoch], "world_size": 1}])[0] == "cpu"
+    assert choose_clock([{"epochs": [{**epoch, "loader_workers": 2}]}])[0] == "wall"  # workers' CPU is not ours
+    assert choose_clock([{"epochs": [{**epoch, "device": "cuda"}]}])[0] == "wall"
+    assert choose_clock([{"epochs": [epoch], "world_size": 2}])[0] == "wall"
+    # The verdict follows the clock: the wall clock stretched by another process, the CPU time not.
+    result = _result({"baseline": [4.0, 4.0, 4.0], "ldb": [3.6, 3.6, 3.6]})
+    for run in result["runs"]:
+        if run["variant"] == "baseline" and run["repeat"] == 1:
+            for epoch in run["epochs"]:
+                epoch["seconds"] *= 2.0
+    judged = report.verdicts(result)["ldb"]
+    assert judged["verdict"] == "faster" and judged["wall"]["verdict"] == "too noisy to tell"
+    result["clock"]["verdict"] = "wall"
+    assert report.verdicts(result)["ldb"]["verdict"] == "too noisy to tell"
+
+
+def test_the_words_about_dropping_follow_the_direction_of_the_gap():
+    def rows(ldb, schedule):
+        return [{"variant": "ldb", "drop_to_full": report.spread(ldb)},
+                {"variant": "batch-only", "drop_to_full": report.spread(schedule)}]  # fmt: skip
+
+    assert "dropping saved 0.30 of a full epoch" in report.attribution_lines(rows([0.6, 0.62], [0.9, 0.92]))[0]
+    # The issue's case: ldb's DROP epochs the longer ones; dropping cost time there, it saved nothing.
+    cost = report.attribution_lines(rows([0.80, 0.82], [0.60, 0.62]))[0]
+    assert "0.81x" in cost and "dropping cost 0.20 of a full epoch" in cost and "saves" not in cost
+    assert "within the noise" in report.attribution_lines(rows([0.6, 0.9], [0.7, 0.8]))[0]
+    assert report.attribution_lines(rows([0.6], [0.9])[:1]) == []
+    whole = report.attribution_lines(rows([0.6, 0.62], [0.9, 0.92]), _result(
+        {"baseline": [4.0, 4.0, 4.0], "ldb": [3.0, 3.0, 3.0], "batch-only": [3.6, 3.62, 3.58]}))[1]  # fmt: skip
+    assert "the dropping made the whole run 16.7% faster than the schedule alone" in whole
+    # Dropping alone saves at most the ceiling (9%, and the margin) of its one DROP epoch in 4: 16.7% is noise.
+    bounded = _result({"baseline": [4.0, 4.0, 4.0], "ldb": [3.0, 3.0, 3.0], "batch-only": [3.6, 3.62, 3.58]},
+                      profile={"drop_epoch_ratio_floor": {"weights": 0.7}, "drop_step_ceiling": {"weights": 0.09}})
+    whole = report.attribution_lines(rows([0.6, 0.62], [0.9, 0.92]), bounded)[1]
+    assert "within the noise (+16.7%, a speed-up of 16.7% is beyond the 4.7% the profile allows" in whole
+
+
+_ENV = {"device": "CPU", "cpu": "x", "cpu_count": 2, "torch": "t", "lightning": "l", "date": "d",
+        "load_average_1min": 2.5}  # fmt: skip
+_CONFIG = {"name": "synthetic", "epochs": 4, "repeats": 3, "seed": 0, "skip_epochs": 1, "ldb": {
+    "drop_rate": 0.3, "every": 2, "lr_scale": 2.0, "batch_scale": 2, "keep_first": 4, "keep_last": 1}}  # fmt: skip
+
+
+def test_the_figure_titles_the_verdicts_and_the_clock(tmp_path):
+    result = {**_result({"baseline": [4.0, 4.1, 4.0], "ldb": [3.6, 3.7, 3.6]}), "config": _CONFIG, "environment": _ENV}
+    assert report.title(result) == (
+        "ldb-bench synthetic vs baseline, this process's CPU time: ldb 10.0% faster (+9.8% to +10.0%)"
+    )
+    report.plot(result, tmp_path / "report.png")
+    assert (tmp_path / "report.png").stat().st_size > 0
+
+
+def test_output_folder_never_replaces_an_earlier_run_silently(tmp_path):
+    out = tmp_path / "ldb-bench"
+    assert cli.output_folder(out, named=False, overwrite=False) == out  # empty: used as it is
+    out.mkdir()
+    (out / "report.json").write_text("{}")
+    assert cli.output_folder(out, named=False, overwrite=False) == tmp_path / "ldb-bench-2"  # the default moves on
+    (tmp_path / "ldb-bench-2").mkdir()
+    (tmp_path / "ldb-bench-2" / "profile.json").write_text("{}")
+    assert cli.output_folder(out, named=False, overwrite=False) == tmp_path / "ldb-bench-3"
+    with pytest.raises(ValueError, match="already holds report.json .* --overwrite"):
+        cli.output_folder(out, named=True, overwrite=False)  # one the user named: refused
+    assert cli.output_folder(out, named=True, overwrite=True) == out
+
+
+def test_a_named_out_holding_a_report_is_refused_before_any_run(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "report.json").write_text("{}")
+    assert cli.main(_args(_config(tmp_path), tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert "already holds report.json from an earlier run. Pass another --out, or --overwrite" in err
+    assert (tmp_path / "out" / "report.json").read_text() == "{}"
+
+
+def test_help_lists_ldb_benchs_own_options_first_and_what_quick_runs(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = capsys.readouterr().out
+    own, trainer = text.index("ldb-bench (its own options"), text.index("\n  --trainer.accelerator ")
+    assert own < text.index("\n  --repeats REPEATS") < trainer and own < text.index("\n  --quick") < trainer
+    quick = cli.BenchCLI(cli._expand_quick(["--quick"])).config
+    listed = " ".join(text[text.index("\n  --quick"):text.index("\n  --profile,")].split())
+    assert ", ".join(quick["variants"].split(",")) in listed and f"{quick['repeats']} repetitions" in listed

@@ -121,6 +121,41 @@ def test_a_value_of_the_wrong_type_is_short_too(capsys):
     assert "int" in first and "abc" in first
 
 
+@pytest.mark.parametrize(
+    "argument, key, closest, class_path",
+    [
+        ("--model.learning_rate=0.1", "model", "lr", "lightning_ldb.examples.ImageClassifier"),  # by its initials
+        ("--trainer.callbacks.droprate=0.5", "trainer.callbacks", "drop_rate", "lightning_ldb.LayerDropBackCallback"),
+        ("--data.batchsize=16", "data", "batch_size", "lightning_ldb.examples.DigitsDataModule"),
+    ],
+)
+def test_an_unknown_class_argument_names_the_closest_one_and_the_class_help(argument, key, closest, class_path, capsys):
+    code, err = exit_code_and_stderr(["fit", "-c", str(QUICKSTART_CONFIG), argument], capsys)
+
+    assert code == 2
+    first, tip = err.strip().splitlines()
+    assert first.endswith(f"is not accepted; did you mean --{key}.{closest}?"), first
+    assert tip.startswith(f"tip: ldb fit --{key}.help {class_path} lists its arguments")
+
+
+def test_an_unknown_argument_far_from_any_names_only_the_class_help(capsys):
+    code, err = exit_code_and_stderr(["fit", "-c", str(QUICKSTART_CONFIG), "--model.zzz=1"], capsys)
+
+    assert code == 2
+    first, tip = err.strip().splitlines()
+    assert first == "error: --model (lightning_ldb.examples.ImageClassifier): Option 'zzz' is not accepted."
+    assert tip.startswith("tip: ldb fit --model.help lightning_ldb.examples.ImageClassifier lists its arguments")
+
+
+def test_an_unknown_trainer_option_names_the_closest_one(capsys):
+    code, err = exit_code_and_stderr(["fit", "-c", str(QUICKSTART_CONFIG), "--trainer.maxepochs=3"], capsys)
+
+    assert code == 2
+    assert err.splitlines()[0] == (
+        "error: unrecognized arguments: --trainer.maxepochs=3; did you mean --trainer.max_epochs?"
+    )
+
+
 def test_verbose_brings_the_original_error_back(monkeypatch):
     monkeypatch.setenv("LDB_VERBOSE", "1")
     with pytest.raises(ValueError, match=r"`drop_rate` must be in \[0.0, 1.0\), got 1.5"):

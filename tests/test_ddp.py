@@ -257,6 +257,24 @@ def test_ddp_settings_ldb_cannot_serve_fail_in_setup(single_process_group, strat
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
+@pytest.mark.timeout(60)
+def test_static_graph_with_accumulated_drop_epochs_fails_in_setup(single_process_group):
+    # DDP's static graph cannot accumulate: without the refusal the full epochs train and the first accumulated DROP
+    # step dies in torch's reducer (``expect_autograd_hooks_ INTERNAL ASSERT FAILED``).
+    ldb = LayerDropBackCallback(batch_scale=2, batch_scaling="accumulate", keep_first=2, seed=0)
+    trainer = make_trainer(max_epochs=3, callbacks=[ldb], strategy=DDPStrategy(static_graph=True))
+    model = TinyMLP()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    match = (
+        r"batch_scaling='accumulate', batch_scale=2\) cannot run under DDPStrategy\(static_graph=True\).*"
+        r"Use batch_scaling='loader' or DDPStrategy\(static_graph=False\)"
+    )
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(model)
+    assert trainer.global_step == 0 and trainer.accumulate_grad_batches == 1
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
 def test_unknown_communication_method_is_refused_naming_the_argument():
     with pytest.raises(ValueError, match=r"`communication` must be one of \['auto', 'rewrap', 'hook', 'find_unused'\]"):
         LayerDropBackCallback(communication="telepathy")

@@ -127,7 +127,7 @@ def test_the_lr_is_scaled_inside_step_only_and_the_batch_on_drop_epochs():
 
 
 @pytest.mark.parametrize("backward", ["weights", "block"])
-def test_an_error_inside_the_epoch_restores_every_flag_hook_and_lr(backward):
+def test_an_error_inside_the_epoch_restores_every_flag_hook_and_lr(backward, recwarn):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), *[Residual() for _ in range(4)], nn.Linear(4, 1))
     model[2].fc.requires_grad_(False)  # the user's own freeze stays
@@ -151,6 +151,17 @@ def test_an_error_inside_the_epoch_restores_every_flag_hook_and_lr(backward):
     ldb.close()
     optimizer.step()  # after close, step() is the optimizer's own
     assert optimizer.param_groups[0]["lr"] == 0.1
+    assert warned(recwarn) == [BEFORE_A_STEP]  # a DROP epoch entered before any step: registration order
+
+
+#: The engine's warnings that tests entering a DROP epoch directly trigger on purpose (fragments).
+NO_OPTIMIZER, BEFORE_A_STEP = "no optimizer is hooked", "draws before LDB has seen a training step"
+
+
+def warned(recorder: pytest.WarningsRecorder) -> list[str]:
+    """Which of the two warnings were raised, in order."""
+    messages = [str(w.message) for w in recorder]
+    return [fragment for m in messages for fragment in (NO_OPTIMIZER, BEFORE_A_STEP) if fragment in m]
 
 
 class Residual(nn.Module):
@@ -162,7 +173,7 @@ class Residual(nn.Module):
         return x + self.fc(x)
 
 
-def test_block_mode_skips_the_dropped_branch_and_keeps_the_forward():
+def test_block_mode_skips_the_dropped_branch_and_keeps_the_forward(recwarn):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), *[Residual() for _ in range(4)], nn.Linear(4, 1))
     ldb = LayerDropBack(model, (), drop_rate=0.5, keep_first=1, keep_last=1, seed=1, backward="block",
@@ -177,6 +188,7 @@ def test_block_mode_skips_the_dropped_branch_and_keeps_the_forward():
     assert torch.equal(out, expected)  # the forward is unchanged
     for name in ldb.candidate_layers:  # the backward skipped every dropped branch, and only those
         assert (model.get_submodule(name).weight.grad is None) == (name in dropped), name
+    assert warned(recwarn) == [NO_OPTIMIZER, BEFORE_A_STEP]  # as intended here: no optimizer, no step before
 
 
 def test_state_dict_continues_the_draws_of_an_interrupted_plain_loop():
@@ -197,7 +209,7 @@ def test_state_dict_continues_the_draws_of_an_interrupted_plain_loop():
     assert later == {step: draw for step, draw in reference.items() if step >= state["steps"]}
 
 
-def test_tied_weights_and_user_frozen_layers_are_never_dropped():
+def test_tied_weights_and_user_frozen_layers_are_never_dropped(recwarn):
     torch.manual_seed(0)
     body = [nn.Linear(4, 4) for _ in range(6)]
     model = nn.Sequential(*body)
@@ -209,6 +221,7 @@ def test_tied_weights_and_user_frozen_layers_are_never_dropped():
         assert "3" in ldb.dropped_layers
         assert body[3].weight.requires_grad and not body[3].bias.requires_grad
     assert not body[2].weight.requires_grad  # still the user's
+    assert warned(recwarn) == [NO_OPTIMIZER, BEFORE_A_STEP]  # as intended here: no optimizer, no step before
 
 
 @pytest.mark.parametrize(
@@ -302,7 +315,8 @@ def test_a_drop_epoch_drawn_before_any_training_step_is_warned_once():
 def test_an_optimizer_made_after_the_engine_is_warned_once_and_another_models_is_not():
     # Recreated each epoch, the optimizer LDB was given is never the one that steps: the LR would stay unscaled.
     model = new_model()
-    ldb = LayerDropBack(model, sgd(model), **KWARGS)
+    given = sgd(model)  # kept by the loop (LDB holds optimizers weakly), never stepped
+    ldb = LayerDropBack(model, given, **KWARGS)
     other = nn.Linear(2, 2)  # e.g. a GAN's discriminator: its optimizer is none of LDB's business
     other_optimizer = torch.optim.SGD(other.parameters(), lr=0.1)
     with warnings.catch_warnings(record=True) as record:
@@ -430,8 +444,8 @@ def test_a_loop_that_calls_the_models_parts_learns_the_run_order_from_its_first_
                 optimizer.step()
                 optimizer.zero_grad()
                 if epoch == 0 and step == 0:
-                    with torch.no_grad():
-                        model.aux(model.enc(batch))
+                    # A metric with autograd on (a pass under no_grad would place nothing, hooks or not).
+                    model.aux(model.enc(batch)).detach()
             if ldb.mode == "drop":
                 candidates = ldb.candidate_layers
     assert "head" not in candidates and candidates

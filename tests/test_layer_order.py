@@ -264,3 +264,210 @@ def test_bookkeeping_outside_the_model_without_autograd_does_not_place_parameter
     model(torch.randn(2, 5, 4)).sum().backward()
     order = recorder.stop()
     assert averaged and order.index("embed") < order.index("encoder.layers.0.self_attn.out_proj") < order.index("head")
+
+
+# ------------------------------------------------------------------ side uses of the parameters place nothing
+# The run order is where the data meets each layer. An L2 penalty, a logged weight norm or an evaluation pass under
+# ``no_grad`` during the first training step touch every parameter, and must not move a layer into the place of the
+# real input layer or head (issue 23, item 5).
+class Calibrated(LightningModule):
+    """``inp -> body -> head`` trained with an L2 penalty (before or after the forward); ``calib`` is used in
+    evaluation only, and is registered after the head."""
+
+    def __init__(self, penalty: str = "after") -> None:
+        super().__init__()
+        self.penalty = penalty
+        self.inp = nn.Linear(4, 8)
+        self.body = nn.Sequential(*[nn.Linear(8, 8) for _ in range(3)])
+        self.head = nn.Linear(8, 3)
+        self.calib = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.body(torch.tanh(self.inp(x)))))
+
+    def l2(self) -> torch.Tensor:
+        return sum(p.pow(2).sum() for p in self.parameters())  # type: ignore[return-value]
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        penalty = self.l2() if self.penalty == "before" else None
+        loss = nn.functional.cross_entropy(self(x), y)
+        return loss + 1e-4 * (self.l2() if penalty is None else penalty)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.calib(self(batch[0]))
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(0)
+        x, y = torch.randn(16, 4, generator=generator), torch.randint(0, 3, (16,), generator=generator)
+        return DataLoader(TensorDataset(x, y), batch_size=8)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit_seeds(make_model: Any, seeds: tuple[int, ...] = (0, 1, 2), epochs: int = 5) -> list[tuple[list, Moved]]:
+    """For each seed, a fit of ``epochs`` epochs (epoch 0 full, then DROP epochs at drop_rate 0.9)."""
+    runs = []
+    for seed in seeds:
+        ldb = LayerDropBackCallback(drop_rate=0.9, every=1, keep_first=1, keep_last=1, seed=seed, batch_scale=1)
+        moved = Moved(ldb)
+        make_trainer(epochs, [ldb, moved]).fit(make_model())
+        runs.append((ldb.state_dict()["run_order"], moved))
+    return runs
+
+
+def assert_never_dropped(runs: list[tuple[list, Moved]], layer: str, epochs: int = 5) -> None:
+    for _, moved in runs:  # 3 seeds x 4 DROP epochs
+        for epoch in range(1, epochs):
+            assert layer not in moved.candidates[epoch], (epoch, moved.candidates[epoch])
+            assert not any(name.startswith(f"{layer}.") for name in moved.still[epoch]), (epoch, moved.still[epoch])
+
+
+@pytest.mark.parametrize("penalty", ["after", "before"])
+def test_an_l2_penalty_does_not_place_an_evaluation_only_layer(penalty):
+    runs = fit_seeds(lambda: Calibrated(penalty))
+    for order, moved in runs:
+        assert "calib" not in order  # not on the data path: never counted as last (or first)
+        assert order.index("inp") < order.index("body.0") < order.index("body.2") < order.index("head")
+        assert moved.candidates[1] == ("body.0", "body.1", "body.2", "calib")
+    assert_never_dropped(runs, "head")
+    assert_never_dropped(runs, "inp")
+
+
+class LogsWeightNorm(Classifier):
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.log("weight_norm", torch.stack([p.norm() for p in self.parameters()]).sum())
+
+
+def test_a_weight_norm_logged_at_the_batch_start_does_not_place_the_attention_projections_first():
+    runs = fit_seeds(lambda: LogsWeightNorm(Transformer(), (5, 4)))
+    for order, moved in runs:
+        layers = [name for name in order if name.startswith("network.") and name != "network.encoder"]
+        assert layers[0] == "network.embed" and layers[-1] == "network.head", order
+        out_proj = order.index("network.encoder.layers.0.self_attn.out_proj")
+        assert order.index("network.encoder.layers.0.self_attn") < out_proj < order.index("network.encoder.layers.0.linear1")
+        assert "network.encoder.layers.0.self_attn.out_proj" in moved.candidates[1]
+    assert_never_dropped(runs, "network.embed")
+    assert_never_dropped(runs, "network.head")
+
+
+class Probed(nn.Module):
+    """``inp -> body -> head``, and ``probe``, run on the head's output in evaluation only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 8)
+        self.body = nn.Sequential(*[nn.Linear(8, 8) for _ in range(3)])
+        self.head = nn.Linear(8, 1)
+        self.probe = nn.Linear(1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.body(torch.tanh(self.inp(x)))))
+
+
+def test_an_evaluation_pass_under_no_grad_in_the_first_epoch_block_does_not_place_layers():
+    from lightning_ldb import LayerDropBack
+
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 4, generator=generator), torch.randn(16, 1, generator=generator)
+    for seed in (0, 1, 2):
+        torch.manual_seed(0)
+        model = Probed()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        ldb = LayerDropBack(model, optimizer, drop_rate=0.9, every=1, keep_first=1, keep_last=1, seed=seed)
+        for epoch in range(5):
+            with ldb.epoch(epoch):
+                if epoch == 0:
+                    with torch.no_grad():  # an evaluation pass before training, through the probe
+                        model.eval()
+                        model.probe(model(x))
+                        model.train()
+                start = {name: p.detach().clone() for name, p in model.named_parameters()}
+                for xb, yb in zip(x.split(8), y.split(8)):
+                    nn.functional.mse_loss(model(xb), yb).backward()
+                    optimizer.step()
+                    optimizer.zero_grad()
+                if epoch:
+                    assert ldb.candidate_layers == ("body.0", "body.1", "body.2", "probe"), ldb.candidate_layers
+                    for layer in ("inp", "head"):
+                        assert not torch.equal(model.get_submodule(layer).weight, start[f"{layer}.weight"])
+        assert ldb.run_order is not None and "probe" not in ldb.run_order
+        assert ldb.run_order.index("inp") < ldb.run_order.index("head")
+
+
+class SideUses(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.last = nn.Linear(4, 2)
+        self.probe = nn.Linear(2, 2)  # evaluation only
+        self.teacher = nn.Linear(4, 2)  # run without autograd inside the training forward
+        self.register_buffer("anchor", torch.zeros(2, 2))  # an L2-SP style reference for the probe
+        self.logit_scale = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = self.teacher(x)
+        return self.last(torch.tanh(self.first(x))) * self.logit_scale.exp() - target
+
+
+def test_numbers_computed_from_the_weights_alone_place_nothing_and_a_no_grad_part_of_the_forward_counts():
+    model = SideUses()
+    recorder = RunOrderRecorder(model)
+    with torch.no_grad():
+        model.probe(model(torch.ones(1, 4)))  # an evaluation pass
+    penalty = model.probe.weight.norm() + (model.probe.weight - model.anchor).pow(2).sum() + model.probe.bias.abs().max()
+    loss = model(torch.ones(3, 4)).pow(2).mean() + penalty + sum(p.pow(2).sum() for p in model.parameters())
+    loss.backward()
+    # The teacher runs without autograd, but inside the training forward; the model's own scale meets the data
+    # after the last layer (``logit_scale.exp()`` carries it there), so the model's own layer comes last.
+    order = recorder.stop()
+    assert order == ["teacher", "first", "last", ""]
+    ordered = order_layers(discover_layers(model), order)
+    assert [(layer.name, layer.observed) for layer in ordered][-1] == ("probe", False)
+
+
+def test_a_torchvision_resnet_keeps_its_order_under_side_uses_and_an_unused_calibration_layer():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None)
+    model.calib = nn.Linear(1000, 1000)  # registered after fc, used in evaluation only
+    x = torch.randn(2, 3, 16, 16)
+
+    def observe(side_uses: bool) -> list[str]:
+        recorder = RunOrderRecorder(model)
+        if side_uses:
+            with torch.no_grad():
+                model.calib(model.eval()(x))
+            model.train()
+            norm = torch.stack([p.norm() for p in model.parameters()]).sum()
+        loss = model(x).sum()
+        if side_uses:
+            loss = loss + 1e-4 * sum(p.pow(2).sum() for p in model.parameters()) + 0 * norm
+        return recorder.stop()  # before the backward, which ends the recording anyway
+
+    plain, order = observe(False), observe(True)
+    assert order == plain
+    observed = [layer.name for layer in order_layers(discover_layers(model), order) if layer.observed]
+    assert observed[0] == "conv1" and observed[-1] == "fc" and "calib" not in observed
+
+
+def test_a_weight_transformed_before_it_meets_the_data_places_its_module_and_checkpointed_parts_count():
+    from torch.utils.checkpoint import checkpoint
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.body = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+            self.readout = nn.Linear(4, 10, bias=False)  # its weight is applied by the model, its forward never runs
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            h = checkpoint(self.body, self.embed(tokens), use_reentrant=True)  # runs body under no_grad
+            return h @ self.readout.weight.t()
+
+    model = Model()
+    recorder = RunOrderRecorder(model)
+    model(torch.arange(3)).sum().backward()
+    assert recorder.stop() == ["", "embed", "body", "body.0", "body.1", "readout"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from helpers import TinyDataModule, TinyMLP, make_trainer
@@ -59,7 +61,10 @@ def run(tmp_path, resample, setup, max_epochs=5, ckpt_path=None):
 @pytest.mark.parametrize("setup", sorted(SETUPS))
 @pytest.mark.parametrize("resample", ["epoch", "step"])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, resample, setup):
-    reference, reference_log, mid_drop_step = run(tmp_path, resample, setup)
+    # With batch_scale=2 and step-triggered checkpoints LDB warns that one on a DROP epoch's last batch resumes short.
+    short = "a checkpoint saved on the last batch of a DROP epoch"
+    with pytest.warns(UserWarning, match=short) if setup == "batch_scaling" else contextlib.nullcontext():
+        reference, reference_log, mid_drop_step = run(tmp_path, resample, setup)
     dropped_in_drop_epochs = [d for _, d in reference_log.by_step.values() if d]
     assert dropped_in_drop_epochs  # the run did drop layers
     if resample == "step":

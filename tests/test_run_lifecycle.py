@@ -125,7 +125,10 @@ def test_a_missing_private_attribute_is_loud_never_silent():
         _compat.ddp_kwargs(Renamed())
     with pytest.raises(_compat.CompatibilityError, match=r"_data_source is missing"):
         _compat.train_data_source(type("Trainer", (), {"fit_loop": Renamed()})())
-    with pytest.warns(UserWarning, match=r"_every_n_train_steps is missing"):
+    with (
+        pytest.warns(UserWarning, match=r"_train_time_interval is missing"),
+        pytest.warns(UserWarning, match=r"_every_n_train_steps is missing"),
+    ):
         assert _compat.checkpoint_triggers_on_steps(Renamed()) is False
 
 

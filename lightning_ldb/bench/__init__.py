@@ -1,8 +1,10 @@
 """``ldb-bench``: will LDB speed up *your* training? LayerDropBack side by side with the variants that say why.
 
 - :mod:`~lightning_ldb.bench.cli`: the command, on the user's own LightningCLI config (``ldb-bench --config my.yaml``).
-- :mod:`~lightning_ldb.bench.runner`: the variants and the runs, timed by one CUDA-synchronised epoch clock;
-  :func:`compare` is the Python entry point for a model and a data factory.
+- :mod:`~lightning_ldb.bench.runner`: the variants and the runs (repetitions rotated), each epoch timed on the wall
+  clock (CUDA-synchronised) and this process's CPU time; :func:`compare` is the Python entry point for a model and
+  a data factory.
+- :mod:`~lightning_ldb.bench.stats`: paired ratios, their median and interval, the profile's bound, the verdict.
 - :mod:`~lightning_ldb.bench.profile`: the ceiling before training (``--profile``): step times, FLOPs, memory.
 - :mod:`~lightning_ldb.bench.report`: tables, verdict and the plot, drawn from the JSON.
 - :mod:`~lightning_ldb.bench.peers`: Stochastic Depth and progressive layer freezing.

@@ -9,6 +9,11 @@ parser, and runs LDB's attribution variants on it side by side::
     ldb-bench --config my.yaml --limit-train-batches 50 --epochs 6 --repeats 3
     ldb-bench --config configs/bench/mnist1d-cnn.yaml   # a preset (configs/bench/*.yaml; copy one to start)
     ldb-bench --quick                                   # = --config configs/bench/quick.yaml
+
+A comparison first measures the profile's few steps (or reads ``--profile-json``): a whole-run speed-up
+beyond what the run's DROP epochs can give at the profile's floor is reported as noise. Its files go to
+``--out``; a folder that holds an earlier run's files is not overwritten (the default folder gets a
+numbered sibling, an ``--out`` named on the command line is refused unless ``--overwrite``).
 """
 
 from __future__ import annotations
@@ -29,8 +34,14 @@ from lightning_ldb.bench import report
 from lightning_ldb.bench.runner import VARIANTS, BenchOptions, Setup, check_strategy, prepare, run_benchmark
 from lightning_ldb.cli import LDBCLI, LDBArgumentParser, verbose_requested
 
-#: ``--quick``: the short check's config (digits CNN on the real 8x8 digits, 4 epochs, 2 repetitions).
+#: ``--quick``: the short check's config (digits CNN on the real 8x8 digits, 4 epochs, 3 repetitions).
 QUICK_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "bench" / "quick.yaml"
+
+#: ``--out``'s default.
+DEFAULT_OUT = "outputs/ldb-bench"
+
+#: The files a run writes; a folder holding one of them holds an earlier run.
+OUTPUT_FILES = ("report.json", "report.md", "report.png", "profile.json")
 
 DESCRIPTION = """\
 Will LDB speed up your training? Runs LayerDropBack and its attribution variants side by side on
@@ -38,7 +49,9 @@ your own LightningCLI config (the one you train with through `ldb fit`: model:, 
 seed_everything:), each run from the same seed on the same batches, and reports the time per epoch,
 the whole run, the validation metrics your model logs and a verdict. --profile instead measures the
 ceiling in a few steps: how much of a full step a DROP step can skip on this model and hardware.
-Writes report.json (every epoch), report.md and report.png (or profile.json) under --out."""
+Writes report.json (every epoch, and each variant's verdict), report.md, report.png and the
+profile.json its verdicts are bounded by (or, with --profile, profile.json alone) into --out, and
+never over an earlier run's files (see --out, --overwrite)."""
 
 EPILOG = """\
 examples:
@@ -46,12 +59,13 @@ examples:
   {prog} --config my.yaml --profile             # the ceiling before training: a few steps, profile.json
   {prog} --config my.yaml --limit-train-batches 50 --epochs 6 --repeats 3
   {prog} --config configs/quickstart.yaml       # the quickstart's digits CNN
-  {prog} --quick                                # = --config configs/bench/quick.yaml (every variant, twice)"""
+  {prog} --quick                                # = --config configs/bench/quick.yaml ({quick})"""
 
 #: ``(flag, type, default, help)`` of the benchmark's own options (``ldb``'s model/data/trainer options come too).
 _OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
     ("--epochs", Optional[int], None, "training epochs per run (default: 4)"),
-    ("--repeats", Optional[int], None, "repetitions, the run order alternating (default: 2)"),
+    ("--repeats", Optional[int], None, ("repetitions, the run order rotated each time; each run is compared with"
+     " the baseline of its own repetition (default: 3)")),
     ("--variants", Optional[str], None, "comma-separated, from: "
      + "; ".join(f"{name}: {what}" for name, (_, what) in VARIANTS.items())
      + " (default: baseline, ldb, batch-only, and ldb-block where block mode finds residual branches)"),
@@ -70,8 +84,12 @@ _OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
     ("--sd-rate", float, 0.5, "stochastic-depth: the last block's drop rate, decaying linearly to the first"),
     ("--freeze-start", float, 0.5, "freezing: fraction of training before freezing begins (Composer's default)"),
     ("--freeze-level", float, 1.0, "freezing: fraction of layers frozen by the end (Composer's default)"),
-    ("--profile-steps", int, 10, "--profile: timed steps per batch size, after as many warm-up steps"),
-    ("--out", str, "outputs/ldb-bench", "output folder"),
+    ("--profile-steps", int, 10, ("the profile (--profile, or the one measured before a comparison): timed steps"
+     " per batch size, after as many warm-up steps")),
+    ("--profile-json", Optional[str], None, ("a profile.json from an earlier --profile run: its floor bounds the"
+     " verdicts, instead of measuring the profile before the runs")),
+    ("--out", str, DEFAULT_OUT, ("output folder; if it holds an earlier run's files, the default one becomes"
+     " outputs/ldb-bench-2 (-3, ...) and a named one is refused unless --overwrite")),
 )  # fmt: skip
 _LDB_FLAGS = ("drop_rate", "every", "lr_scale", "batch_scale", "keep_first", "keep_last")
 
@@ -99,17 +117,23 @@ class BenchCLI(LDBCLI):
             parser_kwargs={
                 "prog": "ldb-bench",
                 "description": DESCRIPTION,
-                "epilog": EPILOG.format(prog="ldb-bench"),
+                "epilog": EPILOG.format(prog="ldb-bench", quick=quick_summary()),
                 "formatter_class": formatter,
             },
         )
 
-    def add_arguments_to_parser(self, parser: LDBArgumentParser) -> None:
-        group = parser.add_argument_group("ldb-bench")
+    def add_default_arguments_to_parser(self, parser: LDBArgumentParser) -> None:
+        # Before the Trainer's, model's and data's options (added next): --help lists ldb-bench's own first.
+        super().add_default_arguments_to_parser(parser)
+        group = parser.add_argument_group("ldb-bench (its own options; the Trainer's, model's and data's follow)")
+        group.add_argument("--quick", action=ActionYesNo, default=False,
+                           help=f"= --config configs/bench/quick.yaml: {quick_summary()}")  # fmt: skip
         text = "measure the ceiling in a few steps (profile.json) instead of the training runs"
         group.add_argument("--profile", action=ActionYesNo, default=False, help=text)
         for flag, kind, default, text in _OPTIONS:
             group.add_argument(flag, type=kind, default=default, help=text)
+        text = "write into an --out folder that holds an earlier run's files, replacing them"
+        group.add_argument("--overwrite", action=ActionYesNo, default=False, help=text)
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         # The benchmark builds one Trainer per run from these arguments (see ``setup``): none here.
@@ -119,6 +143,41 @@ class BenchCLI(LDBCLI):
     def setup(self) -> Setup:
         """The model, data and Trainer arguments this construction instantiated."""
         return Setup(self.model, self.datamodule, dict(self.trainer_kwargs))
+
+
+def quick_summary() -> str:
+    """What ``--quick`` runs, read from its config: the model, the variants, epochs and repetitions."""
+    import yaml
+
+    try:
+        quick = yaml.safe_load(QUICK_CONFIG.read_text())
+    except (OSError, yaml.YAMLError):
+        return "the digits CNN (configs/bench/quick.yaml is missing here)"
+    variants = ", ".join(v.strip() for v in str(quick.get("variants", "")).split(",") if v.strip())
+    model = quick.get("model", {}).get("init_args", {}).get("model", "the model")
+    epochs, repeats = quick.get("epochs"), quick.get("repeats")
+    return f"{model} on the real 8x8 digits, {variants}; {epochs} epochs, {repeats} repetitions"
+
+
+def output_folder(out: Path, named: bool, overwrite: bool) -> Path:
+    """Where a run writes: ``out``, unless it holds an earlier run's files (:data:`OUTPUT_FILES`).
+
+    Then the default folder (``named=False``) gives way to the first free ``out-2``, ``out-3``, ...; a folder
+    named on the command line is refused, unless ``overwrite``.
+
+    Raises:
+        ValueError: Naming the folder, the file found, and the two ways on (another ``--out``, ``--overwrite``).
+    """
+    found = next((name for name in OUTPUT_FILES if (out / name).exists()), None)
+    if found is None or overwrite:
+        return out
+    if named:
+        raise ValueError(f"`--out`: {out} already holds {found} from an earlier run. Pass another --out, or"
+                         " --overwrite to replace its files.")  # fmt: skip
+    index = 2
+    while any((out.with_name(f"{out.name}-{index}") / name).exists() for name in OUTPUT_FILES):
+        index += 1
+    return out.with_name(f"{out.name}-{index}")
 
 
 def _formatter() -> type:
@@ -156,12 +215,16 @@ def _quiet_lightning(verbose: bool) -> Iterator[None]:
 
 
 def write_outputs(result: dict[str, Any], out: Path) -> str:
-    """Write ``report.json``, ``report.md`` and ``report.png`` into ``out``; return the Markdown."""
+    """Write ``report.json``, ``report.md``, ``report.png`` (and the bounding ``profile.json``) into ``out``;
+    return the Markdown."""
     out.mkdir(parents=True, exist_ok=True)
+    result = {**result, "verdicts": report.verdicts(result)}
     (out / "report.json").write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
     markdown = report.render_markdown(result)
     (out / "report.md").write_text(markdown)
     report.plot(result, out / "report.png")
+    if result.get("profile"):
+        (out / "profile.json").write_text(json.dumps(result["profile"], indent=1, allow_nan=False) + "\n")
     return markdown
 
 
@@ -221,7 +284,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         options = BenchOptions(
             name=_name(config, args),
             epochs=config["epochs"] or 4,
-            repeats=config["repeats"] or 2,
+            repeats=config["repeats"] or BenchOptions.repeats,
             skip_epochs=config["skip_epochs"],
             seed=int(config["seed_everything"] or 0),
             limit_train_batches=config["limit_train_batches"],
@@ -232,7 +295,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
         overrides = {key: config[key] for key in _LDB_FLAGS if config[key] is not None}
         requested = [v.strip() for v in config["variants"].split(",") if v.strip()] if config["variants"] else None
-        out = Path(config["out"])
+        try:
+            out = output_folder(Path(config["out"]), config["out"] != DEFAULT_OUT, config["overwrite"])
+            given = read_profile(config["profile_json"]) if config["profile_json"] and not config["profile"] else None
+        except ValueError as error:
+            return _error(str(error))
+        if out != Path(config["out"]):
+            _say(f"Note: {config['out']} holds an earlier run's files; this run writes to {out} (--out names another"
+                 " folder, --overwrite replaces them).")  # fmt: skip
         about = _about(first)
         if config["profile"]:
             from lightning_ldb.bench import profile
@@ -245,7 +315,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if rank_zero_only.rank == 0:
                 out.mkdir(parents=True, exist_ok=True)
                 (out / "profile.json").write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
-            _say(profile.render(result) + f"\nWrote {out}/profile.json")
+            _say(profile.render(result) + f"\nWrote profile.json in {out}/")
         else:
             try:
                 options, notes = prepare(build, options, requested, overrides)
@@ -253,11 +323,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 return _error(str(error))
             for note in notes:
                 _say(f"Note: {note}")
-            result = run_benchmark(build, options, _say, notes, about)
+            bound = given if given is not None else True
+            result = run_benchmark(build, options, _say, notes, about, bound, config["profile_steps"])
             markdown = write_outputs(result, out) if rank_zero_only.rank == 0 else ""
-            _say("\n" + markdown + f"Wrote {out}/report.json, report.md, report.png")
+            wrote = "report.json, report.md, report.png" + (" and profile.json" if result.get("profile") else "")
+            _say("\n" + markdown + f"Wrote {wrote} in {out}/")
     _say(f"ldb-bench finished in {time.perf_counter() - started:.0f} s.")
     return 0
+
+
+def read_profile(path: str) -> dict[str, Any]:
+    """The profile in ``path`` (``--profile-json``), checked to be an ``ldb-bench --profile`` file.
+
+    Raises:
+        ValueError: Naming the path, if it cannot be read or is not a profile.
+    """
+    try:
+        found = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"`--profile-json`: cannot read {path} ({error}); pass a profile.json that"
+                         " ldb-bench --profile wrote.") from error  # fmt: skip
+    if not isinstance(found, dict) or not str(found.get("schema", "")).startswith("ldb-profile/"):
+        raise ValueError(f"`--profile-json`: {path} is not a profile (no ldb-profile schema); pass a profile.json"
+                         " that ldb-bench --profile wrote.")  # fmt: skip
+    return found
 
 
 def _name(config: Any, args: Sequence[str]) -> str:

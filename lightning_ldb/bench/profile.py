@@ -18,7 +18,14 @@ user's accelerator, precision and callbacks), after as many warm-up steps; media
 - ``peak_memory_bytes``: peak CUDA memory of a step at each batch size (``null`` off a GPU). A DROP batch
   that does not fit is reported here (``"out of memory"``), not found hours into a run;
 - ``drop_epoch_ratio_floor``: the two combined, the shortest a DROP epoch can be against a full one:
-  ``per_sample(drop) / per_sample(base) * (1 - ceiling)``.
+  ``per_sample(drop) / per_sample(base) * (1 - ceiling)``;
+- ``drop_step_measured``: a real full step and DROP step at the base batch, alternating in one fit under the
+  library's own draw (weights and, with residual branches, block mode), and their ratio
+  (:mod:`~lightning_ldb.bench.drop_step`);
+- ``culprits``: when the weights-mode DROP step saves much less than its FLOPs say, the layer kinds whose
+  dropping costs time, the ``exclude=`` patterns that keep them out of the draw, and the DROP step with them;
+- ``plausibility_floor``: the floor a comparison's plausibility bound uses: per mode the FLOP floor, or
+  ``schedule * measured DROP-step ratio`` where that is higher (``source`` says which).
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_ldb import LayerDropBackCallback
+from lightning_ldb.bench import drop_step
 from lightning_ldb.bench.runner import BenchOptions, Setup, environment, kept_callbacks, residual_branches, run_on_gpu
+from lightning_ldb.dropping import BranchInputDetacher, ParameterFreezer
 
 
 class _Batches:
@@ -82,13 +91,13 @@ def base_batches(setup: Setup, count: int) -> list[Any]:
     return batches
 
 
-def _trainer(setup: Setup, callbacks: list[Callback], batches: int) -> Trainer:
+def _trainer(setup: Setup, callbacks: list[Callback], batches: int, epochs: int = 1) -> Trainer:
     kept, _ = kept_callbacks(setup.trainer_kwargs.get("callbacks"))
     kwargs = {key: setup.trainer_kwargs[key] for key in ("accelerator", "devices", "precision", "strategy")
               if key in setup.trainer_kwargs}  # fmt: skip
     return Trainer(
         **kwargs,
-        max_epochs=1,
+        max_epochs=epochs,
         limit_train_batches=batches,
         limit_val_batches=0,
         num_sanity_val_steps=0,
@@ -237,21 +246,20 @@ def count_flops(
     model.train()
     modules, parameters = dict(model.named_modules()), dict(model.named_parameters())
 
-    def backward_flops(frozen: Sequence[torch.nn.Parameter] = (), detached: Sequence[torch.nn.Module] = ()) -> tuple:
-        states = [p.requires_grad for p in frozen]
-        for p in frozen:
-            p.requires_grad_(False)
-        hooks = [entry.register_forward_pre_hook(_detach_inputs, with_kwargs=True) for entry in detached]
+    def backward_flops(frozen: Sequence[torch.nn.Parameter] = (), detached: Sequence[Any] = ()) -> tuple:
+        # The library's own mechanisms: the weights frozen as a DROP step freezes them, and (block mode) the
+        # branches' entries fed detached inputs, every tensor of them (Hugging Face blocks pass keyword arguments).
+        freezer, detacher = ParameterFreezer(), BranchInputDetacher()
+        freezer.freeze(frozen)
+        detacher.detach(detached)
         try:
             with FlopCounterMode(display=False) as forward:
                 loss = _loss(model, batch)
             with FlopCounterMode(display=False) as backward:
                 loss.backward()
         finally:
-            for hook in hooks:
-                hook.remove()
-            for p, state in zip(frozen, states):
-                p.requires_grad_(state)
+            detacher.restore()
+            freezer.restore()
             model.zero_grad(set_to_none=True)
         return float(forward.get_total_flops()), float(backward.get_total_flops())
 
@@ -267,7 +275,7 @@ def count_flops(
     if branches is not None:
         chosen = [b for b in residual_branches(model, branches_spec) if b.name in set(branches)]
         frozen = [p for b in chosen for p in b.parameters if p.requires_grad]
-        _, block_backward = backward_flops(frozen, [b.entry for b in chosen])
+        _, block_backward = backward_flops(frozen, chosen)
         block_saving = full_backward - block_backward
     return {
         "forward": forward_flops,
@@ -277,22 +285,99 @@ def count_flops(
     }
 
 
-def _detach_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
-    """A forward pre-hook: the module's tensor inputs detached, as block mode feeds a dropped branch."""
-    detach = lambda value: value.detach() if isinstance(value, torch.Tensor) else value  # noqa: E731
-    return tuple(detach(a) for a in args), {k: detach(v) for k, v in kwargs.items()}
+def _fit_on(build: Callable[[], Setup], batch: Any) -> drop_step.Fit:
+    """``fit(callbacks, epochs)``: a fresh setup trained ``epochs`` epochs of one step, ``batch`` every time."""
+
+    def fit(callbacks: list[Callback], epochs: int) -> None:
+        setup = build()
+        _trainer(setup, callbacks, 1, epochs).fit(setup.model, train_dataloaders=_Batches([batch]))
+
+    return fit
+
+
+def measure_drop_steps(
+    build: Callable[[], Setup],
+    batch: Any,
+    ldb: Mapping[str, Any],
+    candidates: Mapping[str, Any],
+    model: LightningModule,
+    device_batch: Any,
+    ceiling: Mapping[str, float | None],
+    steps: int,
+    clock: drop_step.Clock,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The real DROP steps (``drop_step_measured``) and, where they save much less than their FLOPs, the culprit
+    layer kinds (``culprits``); see :mod:`~lightning_ldb.bench.drop_step`.
+
+    Args:
+        build: Returns a fresh setup. ``batch``: the batch every timed step trains on.
+        ldb: The callback's settings. ``candidates``: :func:`drop_candidates`'s result.
+        model, device_batch: A built model on the profiling device and ``batch`` there, for the kinds' FLOPs.
+        ceiling: The FLOP ceilings. ``steps``: timed steps per mode. ``clock``: returns seconds.
+    """
+    fit = _fit_on(build, batch)
+    weights_settings = {**ldb, "backward": "weights", "branches": None}
+    measured: dict[str, Any] = {"weights": None, "block": None}
+    if candidates["weights"]:
+        measured["weights"] = drop_step.time_full_and_drop(fit, weights_settings, steps, clock)
+    if candidates["block"]:
+        measured["block"] = drop_step.time_full_and_drop(fit, {**ldb, "backward": "block"}, steps, clock)
+    culprits: dict[str, Any] = {"analysed": False, "margin": drop_step.CULPRIT_MARGIN, "kinds": {}, "names": [],
+                                "exclude": [], "with_exclude": None}  # fmt: skip
+    weights = measured["weights"]
+    if weights is None or not drop_step.short_of_flops(weights["ratio"], ceiling["weights"] or 0.0):
+        return measured, culprits
+    culprits["analysed"] = True
+    flops = count_flops(model, device_batch, (), None)
+    total = flops["forward"] + flops["backward"]
+    names = list(candidates["weights"])
+    for kind, members in drop_step.layer_kinds(model, names).items():
+        share = count_flops(model, device_batch, members, None)["weights_saving"] / total if total else 0.0
+        only = {**weights_settings, "drop_rate": drop_step.DROP_ALL, "include": [drop_step.escape(n) for n in members]}
+        try:
+            timed = drop_step.time_full_and_drop(fit, only, steps, clock)
+        except ValueError as error:  # e.g. the kind's only layer is kept by keep_first in the setup's check
+            culprits["kinds"][kind] = {"layers": len(members), "flop_share": share, "culprit": False,
+                                       "error": str(error)[:200]}  # fmt: skip
+            continue
+        culprit = drop_step.is_culprit(timed["ratio"], share)
+        culprits["kinds"][kind] = {"layers": len(members), "flop_share": share, "ratio": timed["ratio"],
+                                   "full_step_s": timed["full_step_s"], "drop_step_s": timed["drop_step_s"],
+                                   "culprit": culprit}  # fmt: skip
+        if culprit:
+            culprits["names"].append(kind)
+    if not culprits["names"]:
+        return measured, culprits
+    kinds = drop_step.layer_kinds(model, names)
+    bad = [n for kind in culprits["names"] for n in kinds[kind]]
+    culprits["exclude"] = drop_step.exclude_patterns(bad, names)
+    kept = [n for n in names if n not in set(bad)]
+    if kept:
+        fixed = {**weights_settings, "exclude": [*(ldb.get("exclude") or ()), *culprits["exclude"]]}
+        timed = drop_step.time_full_and_drop(fit, fixed, steps, clock)
+        saving = count_flops(model, device_batch, kept, None)["weights_saving"]
+        timed["drop_step_ceiling"] = float(ldb["drop_rate"]) * saving / total if total else None
+        culprits["with_exclude"] = timed
+    return measured, culprits
 
 
 def profile(
-    build: Callable[[], Setup], options: BenchOptions, steps: int = 5, about: Optional[Mapping[str, Any]] = None
+    build: Callable[[], Setup],
+    options: BenchOptions,
+    steps: int = 5,
+    about: Optional[Mapping[str, Any]] = None,
+    clock: drop_step.Clock | None = None,
 ) -> dict[str, Any]:
     """Measure the ceiling of LDB's saving on a freshly built setup; return the ``ldb-profile/1`` dict.
 
     Args:
         build: Returns a fresh :class:`~lightning_ldb.bench.runner.Setup`.
         options: Its ``ldb`` settings (``drop_rate``, ``batch_scale``, ...) and ``name``.
-        steps: Timed steps per batch size, after as many warm-up steps.
+        steps: Timed steps per batch size, after as many warm-up steps; and timed full and DROP steps per
+            measured DROP-step fit, after one warm-up step of each.
         about: What was profiled (class names), recorded under ``"config"``.
+        clock: The measured DROP steps' clock (:func:`~lightning_ldb.bench.drop_step.default_clock` by default;
+            a test passes a deterministic one).
 
     Raises:
         ValueError: If ``steps`` is below 1 or the train loader yields nothing.
@@ -331,6 +416,18 @@ def profile(
         "drop_batch": at_drop["iteration_s"] / drop_size if "iteration_s" in at_drop else None,
     }
     schedule = per_sample["drop_batch"] / per_sample["base_batch"] if per_sample["drop_batch"] else None
+    clock_name, default = drop_step.default_clock(on_gpu)
+    if clock is not None:
+        clock_name = getattr(clock, "__name__", "given")
+    seeded = {**ldb, "seed": options.seed}  # the comparison's seed: the same draws in every profile
+    measured, culprits = measure_drop_steps(
+        build, base[0], seeded, candidates, model, batch, ceiling, steps, clock or default
+    )
+    flop_floor = {
+        mode: schedule * (1.0 - value) if schedule is not None and value is not None else None
+        for mode, value in ceiling.items()
+    }
+    ratios = {mode: (row or {}).get("ratio") for mode, row in measured.items()}
     return {
         "schema": "ldb-profile/1",
         "config": {"name": options.name, **(about or {}), "ldb": {k: ldb[k] for k in ("drop_rate", "batch_scale",
@@ -346,10 +443,10 @@ def profile(
         "drop_step_ceiling": ceiling,
         "per_sample_s": per_sample,
         "schedule_per_sample_ratio": schedule,
-        "drop_epoch_ratio_floor": {
-            mode: schedule * (1.0 - value) if schedule is not None and value is not None else None
-            for mode, value in ceiling.items()
-        },
+        "drop_epoch_ratio_floor": flop_floor,
+        "drop_step_measured": {"batch_size": base_size, "clock": clock_name, "steps": steps, **measured},
+        "culprits": culprits,
+        "plausibility_floor": drop_step.plausibility_floor(flop_floor, schedule, ratios),
         "peak_memory_bytes": memory,
     }
 
@@ -409,4 +506,51 @@ def render(result: Mapping[str, Any]) -> str:
             f"Schedule: a sample costs {result['schedule_per_sample_ratio']:.2f}x at the DROP batch. Shortest DROP"
             f" epoch / full epoch: weights {_fmt(floor['weights'], '.2f')}, block {_fmt(floor['block'], '.2f')}."
         )
+    lines += _render_measured(result)
     return "\n".join(lines)
+
+
+def _render_measured(result: Mapping[str, Any]) -> list[str]:
+    """The lines on the measured DROP steps and the culprits (none for a profile written before they existed)."""
+    measured, culprits = result.get("drop_step_measured"), result.get("culprits")
+    if not measured:
+        return []
+    ceiling = result["drop_step_ceiling"]
+
+    def cell(mode: str) -> str:
+        row = measured.get(mode)
+        if row is None or row.get("ratio") is None:
+            return f"{mode} –"
+        flops = f" (FLOPs say {1 - ceiling[mode]:.2f}x)" if ceiling.get(mode) is not None else ""
+        return f"{mode} {row['ratio']:.2f}x{flops}"
+
+    lines = [
+        (
+            f"Measured DROP step / full step at batch {measured['batch_size']} (alternating, median of"
+            f" {measured['steps']}, {measured['clock']}): {cell('weights')}; {cell('block')}."
+        )
+    ]
+    floor = result.get("plausibility_floor")
+    if floor and floor.get("source") == "measured":
+        lines.append(
+            f"Plausibility floor (the measured one: the DROP step saves less than its FLOPs say): weights"
+            f" {_fmt(floor['weights'], '.2f')}, block {_fmt(floor['block'], '.2f')}."
+        )
+    if culprits and culprits.get("names"):
+        kinds = culprits["kinds"]
+        said = ", ".join(
+            f"{kind} ({kinds[kind]['layers']} layers: {kinds[kind]['ratio']:.2f}x a full step when dropped, FLOPs say"
+            f" {1 - kinds[kind]['flop_share']:.2f}x)"
+            for kind in culprits["names"]
+        )
+        fixed = culprits.get("with_exclude")
+        then = (
+            f"; the DROP step then takes {fixed['ratio']:.2f}x a full step (FLOPs say"
+            f" {1 - fixed['drop_step_ceiling']:.2f}x)"
+            if fixed and fixed.get("ratio") is not None and fixed.get("drop_step_ceiling") is not None
+            else "; no candidate would be left"
+        )
+        lines.append(f"Dropping these costs time: {said}. Fix: exclude={culprits['exclude']!r}{then}.")
+    elif culprits and culprits.get("analysed"):
+        lines.append("No single kind of layer explains it: the per-kind DROP steps cost what their FLOPs say.")
+    return lines

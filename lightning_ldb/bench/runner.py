@@ -1,4 +1,4 @@
-"""The runs: every variant on the user's model, data and trainer, from the same seed, timed by one clock.
+"""The runs: every variant on the user's model, data and trainer, from the same seed, timed by two clocks.
 
 A *setup* is what one run trains: a freshly built LightningModule, its DataModule (or ``None`` when the
 module has its own loaders) and the user's ``Trainer`` arguments. :func:`run_benchmark` builds one per
@@ -6,8 +6,16 @@ run through a ``build`` function (the ``ldb-bench`` command builds it from the u
 config; :func:`compare` from two factories), so every variant starts from the same seed (identical
 initial weights). The global RNG is re-seeded from ``(seed, epoch)`` at the start of every training
 epoch, so every variant draws the same shuffles (the same batches in the same order) and dropout masks
-in each epoch. Variants differ only in what :data:`VARIANTS` lists. Repetitions alternate the run
-order (``A B C``, then ``C B A``), so slow drift of the machine's speed favours no variant.
+in each epoch. Variants differ only in what :data:`VARIANTS` lists.
+
+The design: every repetition runs every variant once, the order rotated from one repetition to the next
+(``A B C``, ``B C A``, ``C A B``, ...), so each variant takes each place in turn; the report compares each
+run with the baseline of its own repetition (paired ratios, :mod:`~lightning_ldb.bench.stats`), so a slow
+drift of the machine's speed stretches both terms of a ratio alike. Each epoch is timed on the wall clock
+(CUDA-synchronised on a GPU) and on this process's CPU time, torch's thread count held at its value when
+the benchmark started; on a CPU the verdict uses the CPU time (other processes on a shared CPU stretch the
+wall clock, not the CPU time the run used), except where data-loader worker processes do part of the work
+(their CPU time is not this process's) or several processes train (rank 0 waits for the others).
 
 The library is used through its public names only (``lightning_ldb.__all__``).
 """
@@ -22,7 +30,7 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
@@ -30,6 +38,7 @@ from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, LearningRateM
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_ldb import LayerDropBack, LayerDropBackCallback, LDBDataModuleMixin, Settings
+from lightning_ldb.bench import report
 from lightning_ldb.bench.data import derived_seed
 from lightning_ldb.bench.peers import ProgressiveFreezing, add_stochastic_depth, identity_blocks
 
@@ -105,7 +114,7 @@ class BenchOptions:
     name: str = "model"
     variants: tuple[str, ...] = DEFAULT_VARIANTS
     epochs: int = 4
-    repeats: int = 2
+    repeats: int = 3
     skip_epochs: int = 1
     seed: int = 0
     limit_train_batches: Optional[float] = None
@@ -238,10 +247,23 @@ def is_validation_metric(name: str) -> bool:
     return lowered.startswith("val") or "/val" in lowered
 
 
-class EpochClock(Callback):
-    """The benchmark's one clock: seconds, optimizer steps, batch size, mode and validation metrics of each epoch.
+def loader_workers(loaders: Any) -> int:
+    """The most worker processes of any data loader in ``loaders`` (a loader, or a list or dict of them)."""
+    if isinstance(loaders, Mapping):
+        return max((loader_workers(v) for v in loaders.values()), default=0)
+    if isinstance(loaders, (list, tuple)):
+        return max((loader_workers(v) for v in loaders), default=0)
+    workers = getattr(loaders, "num_workers", 0)
+    return workers if isinstance(workers, int) else 0
 
-    The clock stops at the end of the epoch's last training batch, before validation, and waits for queued
+
+class EpochClock(Callback):
+    """The benchmark's clocks: wall and CPU seconds, steps, batch size, mode and validation metrics of each epoch.
+
+    ``seconds`` is wall-clock time (``time.perf_counter``), ``cpu_seconds`` this process's CPU time
+    (``time.process_time``: all its threads, no other process, data-loader workers included); each epoch
+    also records torch's thread count, the train loader's worker processes and the device type. The clocks
+    stop at the end of the epoch's last training batch, before validation, and wait for queued
     CUDA work at both ends, so asynchronous kernels are billed to the epoch that launched them. At the start
     of every training epoch it re-seeds the global RNGs from ``(seed, epoch)``, before the train loader is
     iterated: every variant shuffles and draws alike in every epoch, whatever the variants before it did.
@@ -256,6 +278,7 @@ class EpochClock(Callback):
         self.epochs: list[dict[str, Any]] = []
         self._log = log
         self._start = 0.0
+        self._cpu_start = 0.0
         self._first_step = 0
         self._batch_size = 0
         self._logged: Optional[int] = None
@@ -273,7 +296,7 @@ class EpochClock(Callback):
         _sync(pl_module)
         # Optimizer steps, not batches: with batch_scaling="accumulate" a DROP epoch steps once per several batches.
         self._first_step, self._batch_size = trainer.global_step, 0
-        self._start = time.perf_counter()
+        self._start, self._cpu_start = time.perf_counter(), time.process_time()
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -281,15 +304,19 @@ class EpochClock(Callback):
         self._batch_size = max(self._batch_size, batch_length(batch) or 0)
         if batch_idx + 1 >= trainer.num_training_batches:
             _sync(pl_module)
-            seconds = time.perf_counter() - self._start
+            seconds, cpu_seconds = time.perf_counter() - self._start, time.process_time() - self._cpu_start
             ldb = next((cb for cb in trainer.callbacks if isinstance(cb, LayerDropBackCallback)), None)
             self.epochs.append(
                 {
                     "epoch": trainer.current_epoch,
                     "mode": ldb.mode if ldb is not None else "full",
                     "seconds": seconds,
+                    "cpu_seconds": cpu_seconds,
                     "steps": trainer.global_step - self._first_step,
                     "batch_size": self._batch_size,
+                    "threads": torch.get_num_threads(),
+                    "loader_workers": loader_workers(trainer.train_dataloader),
+                    "device": pl_module.device.type,
                 }
             )
 
@@ -310,7 +337,9 @@ class EpochClock(Callback):
         self._logged = record["epoch"]
         metrics = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if is_validation_metric(k))
         self._log(
-            f"    epoch {record['epoch']} ({record['mode']}): {record['seconds']:.2f} s, {record['steps']} steps of"
+            f"    epoch {record['epoch']} ({record['mode']}): {record['seconds']:.2f} s"
+            f" ({record['cpu_seconds']:.2f} s CPU),"
+            f" {record['steps']} steps of"
             f" {record['batch_size']}" + (f", {metrics}" if metrics else "")
         )
 
@@ -384,6 +413,8 @@ def run_benchmark(
     log: Callable[[str], None] = print,
     notes: Sequence[str] = (),
     about: Optional[Mapping[str, Any]] = None,
+    profile: Union[bool, Mapping[str, Any]] = True,
+    profile_steps: int = 10,
 ) -> dict[str, Any]:
     """Every repetition of every variant; the result is the JSON the report and plots are drawn from.
 
@@ -393,28 +424,102 @@ def run_benchmark(
         log: Receives the progress lines.
         notes: Lines the report repeats (e.g. the mixin note).
         about: What was trained (class names), recorded under ``"config"``.
+        profile: The ceiling the verdicts are bounded by: ``True`` measures it first
+            (:func:`~lightning_ldb.bench.profile.profile`, ``profile_steps`` steps), a mapping is a profile
+            already measured (``profile.json``), ``False`` runs without a bound.
+        profile_steps: Timed steps per batch size of that profile.
     """
     runs = []
+    notes = list(notes)
     total = options.repeats * len(options.variants)
+    threads = torch.get_num_threads()  # held for every run: the CPU clock counts every thread's time
     # An unrecorded warm-up (a few steps of the first variant): the first recorded run would otherwise also pay
-    # for first-use costs (allocator, kernels, caches), and the alternating order puts the same variant first.
+    # for first-use costs (allocator, kernels, caches).
     log(f"[warm-up] {options.name}: {options.variants[0]}, a few steps, not recorded")
     warm = dataclasses.replace(options, epochs=1, limit_train_batches=3, limit_val_batches=1)
     run_variant(build, warm, options.variants[0], log=_silent)
+    measured = measure_profile(build, options, profile, profile_steps, log, notes)
     for repeat in range(options.repeats):
-        ordered = options.variants if repeat % 2 == 0 else options.variants[::-1]
+        turn = repeat % len(options.variants)
+        ordered = (*options.variants[turn:], *options.variants[:turn])  # each variant in each place in turn
         for variant in ordered:
             log(f"[{len(runs) + 1}/{total}] {options.name}: {variant} (repetition {repeat + 1}/{options.repeats})")
-            runs.append({**run_variant(build, options, variant, log), "repeat": repeat})
+            torch.set_num_threads(threads)
+            load = _load_average()
+            runs.append({**run_variant(build, options, variant, log), "repeat": repeat, "load_average_1min": load})
     config = {**asdict(options), **(about or {})}
     config["ldb"] = {key: _jsonable(value) for key, value in config["ldb"].items()}
-    return {
-        "schema": "ldb-bench/3",
+    clock, reason = choose_clock(runs)
+    used = sorted({e["threads"] for run in runs for e in run["epochs"]})
+    if len(used) > 1:
+        notes.append(f"torch's thread count changed between runs ({', '.join(map(str, used))}): the CPU times of runs"
+                     " with more threads count every thread's time.")  # fmt: skip
+    result = {
+        "schema": "ldb-bench/4",
         "config": config,
         "environment": environment(run_on_gpu(about or {})),
-        "notes": list(notes),
+        "clock": {
+            "verdict": clock,
+            "reason": reason,
+            "threads": used[0] if len(used) == 1 else used,
+            "loader_workers": max(e["loader_workers"] for run in runs for e in run["epochs"]),
+        },
+        "load_averages": [run["load_average_1min"] for run in runs if run["load_average_1min"] is not None],
+        "notes": notes,
+        "profile": measured,
         "runs": runs,
     }
+    result["verdicts"] = report.verdicts(result)
+    return result
+
+
+def measure_profile(
+    build: Callable[[], Setup],
+    options: BenchOptions,
+    profile: Union[bool, Mapping[str, Any]],
+    steps: int,
+    log: Callable[[str], None],
+    notes: list[str],
+) -> Optional[dict[str, Any]]:
+    """The profile that bounds the verdicts: ``profile`` itself if it is one, else measured (``True``), else ``None``.
+
+    A profile that cannot be measured (no candidate layer, a loader without tensors) leaves the verdicts
+    unbounded, and a note says why.
+    """
+    if isinstance(profile, Mapping):
+        return dict(profile)
+    if not profile or not any(v in report.BOUNDED for v in options.variants):
+        return None
+    from lightning_ldb.bench import profile as profiling  # it imports this module
+
+    log(f"[profile] {options.name}: a few steps, the ceiling the verdicts are bounded by")
+    try:
+        return profiling.profile(build, options, steps=steps)
+    except (ValueError, RuntimeError) as error:
+        notes.append(f"No plausibility bound: the profile could not be measured ({error}).")
+        return None
+
+
+def choose_clock(runs: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
+    """The clock the verdicts use, ``"cpu"`` or ``"wall"``, and why, from the runs' epoch records."""
+    epochs = [e for run in runs for e in run["epochs"]]
+    workers = max((e.get("loader_workers", 0) for e in epochs), default=0)
+    if any(e.get("device") == "cuda" for e in epochs):
+        return "wall", ("CUDA-synchronised wall-clock time (on a GPU the work is the device's, not this process's CPU"
+                        " time)")  # fmt: skip
+    if max((run.get("world_size", 1) for run in runs), default=1) > 1:
+        return "wall", "rank 0's wall-clock time (its CPU time leaves out the waits for the other ranks)"
+    if workers:
+        return "wall", (f"wall-clock time (the train loader's {workers} worker processes load the data, and their CPU"
+                        " time is not this process's; other processes on a shared CPU stretch this clock)")  # fmt: skip
+    return "cpu", "this process's CPU time"
+
+
+def _load_average() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def _silent(line: str) -> None:  # a module-level function: a spawned worker can unpickle it
@@ -544,13 +649,14 @@ def compare(
     *,
     variants: Optional[Sequence[str]] = None,
     epochs: int = 4,
-    repeats: int = 1,
+    repeats: int = 3,
     seed: int = 0,
     ldb: Optional[Mapping[str, Any]] = None,
     limit_train_batches: Optional[float] = None,
     limit_val_batches: Optional[float] = None,
     skip_epochs: int = 1,
     log: Callable[[str], None] = print,
+    profile: Union[bool, Mapping[str, Any]] = True,
 ) -> dict[str, Any]:
     """Run LDB's variants side by side on your own model and data, without a config file.
 
@@ -565,16 +671,19 @@ def compare(
             the epoch count are the benchmark's.
         variants: Names from :data:`VARIANTS`; ``None``: :data:`DEFAULT_VARIANTS` that apply.
         epochs: Training epochs per run.
-        repeats: Repetitions, the run order alternating.
+        repeats: Repetitions, the run order rotated each time; each run is compared with the baseline of its own.
         seed: Seed of weights, data order and draws.
         ldb: LDB settings overriding the callback's (or the paper's).
         limit_train_batches: ``Trainer(limit_train_batches=...)`` for every run.
         limit_val_batches: ``Trainer(limit_val_batches=...)`` for every run.
         skip_epochs: Warm-up epochs left out of the DROP / full epoch ratio.
         log: Receives the progress lines.
+        profile: ``True``: measure the profile first, its floor bounding the verdicts; a ``profile.json``'s dict
+            to use instead; ``False``: no bound.
 
     Returns:
-        The result dict (``"schema": "ldb-bench/3"``) that :func:`~lightning_ldb.bench.report.render_markdown`
+        The result dict (``"schema": "ldb-bench/4"``, with ``"verdicts"``) that
+        :func:`~lightning_ldb.bench.report.render_markdown`
         and :func:`~lightning_ldb.bench.report.plot` take.
 
     Raises:
@@ -605,4 +714,4 @@ def compare(
     for note in notes:
         log(f"Note: {note}")
     about = {"model_class": options.name, "accelerator": str(user_kwargs.get("accelerator", "auto"))}
-    return run_benchmark(build, options, log, notes, about)
+    return run_benchmark(build, options, log, notes, about, profile=profile)
