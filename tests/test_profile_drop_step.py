@@ -209,3 +209,36 @@ def test_the_block_ceiling_detaches_every_input_tensor_as_block_mode_does():
     per_layer = 2 * 2 * 4 * 4
     assert flops["weights_saving"] == per_layer
     assert flops["block_saving"] == 2 * per_layer  # fc's weight and input gradients
+
+
+def _time_on_rank(rank: int, store: str, out: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+
+        def fit(callbacks: list, epochs: int) -> None:  # each rank's own step times, as under DDP
+            timer = callbacks[1]
+            timer.seconds = {"full": [1.0, 1.0], "drop": [0.5 + rank, 0.5 + rank]}
+            timer.dropped = [1, 1]
+
+        timed = drop_step.time_full_and_drop(fit, {"drop_rate": 0.5}, steps=1, clock=lambda: 0.0)
+        with open(f"{out}.{rank}", "w") as file:
+            json.dump(timed, file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_of_a_process_group_gets_rank_zeros_step_times(tmp_path):
+    # Under DDP each rank times its own steps; the culprit analysis branches on the ratio, and ranks that branched
+    # differently would run different collective fits and wait on each other forever.
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_time_on_rank, args=(str(tmp_path / "store"), str(tmp_path / "timed")), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"timed.{rank}").read_text()) for rank in (0, 1)]
+    assert ranks[0]["ratio"] == 0.5
+    assert ranks[1] == ranks[0]

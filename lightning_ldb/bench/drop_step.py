@@ -98,12 +98,25 @@ def time_full_and_drop(fit: Fit, settings: Mapping[str, Any], steps: int, clock:
     timer = ModeTimer(ldb, clock)
     fit([ldb, timer], 2 + 2 * (steps + 1))
     full, drop = (statistics.median(timer.seconds[mode][1:] or timer.seconds[mode]) for mode in ("full", "drop"))
-    return {
+    return rank_zero_result({
         "full_step_s": full,
         "drop_step_s": drop,
         "ratio": drop / full if full > 0 else None,
         "dropped_layers": statistics.median(timer.dropped[1:] or timer.dropped),
-    }
+    })
+
+
+def rank_zero_result(result: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0's ``result`` on every rank of an initialised process group (``result`` itself without one).
+
+    Each rank times its own steps, so under DDP the ranks' ratios differ; the culprit analysis decides on them
+    whether to run more (collective) fits, and ranks that decided differently would wait on each other forever.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return result
+    shared = [result]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def escape(name: str) -> str:
