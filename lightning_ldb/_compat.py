@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 import warnings
 from importlib import metadata
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -158,11 +158,13 @@ def checkpoint_triggers_on_steps(checkpoint: Any) -> bool:
 # ---------------------------------------------------------------------------------------------- argparse
 def option_strings(parser: Any) -> list[str]:
     """Every option string ``parser`` accepts (argparse's private ``_option_string_actions``)."""
-    actions = _get(parser, "_option_string_actions", "`ldb` cannot suggest the closest option", required=False, default={})
+    actions = _get(
+        parser, "_option_string_actions", "`ldb` cannot suggest the closest option", required=False, default={}
+    )
     return list(actions)
 
 
-def subcommand_parser(cli: Any, subcommand: Optional[str]) -> Any:
+def subcommand_parser(cli: Any, subcommand: str | None) -> Any:
     """The parser of ``subcommand`` (``None``: the main one) of a ``LightningCLI`` (its private ``_parser``)."""
     parser = _get(cli, "_parser", "`ldb` cannot name the parser in a short error message")
     return parser(subcommand)
@@ -172,7 +174,9 @@ def subcommand_choice_actions(parser: Any) -> list[Any]:
     """The actions that hold each subcommand's one-line help in ``parser`` (argparse has no public accessor)."""
     import argparse
 
-    actions = _get(parser, "_actions", "`ldb --help` keeps argparse's shortened subcommand help", required=False, default=[])
+    actions = _get(
+        parser, "_actions", "`ldb --help` keeps argparse's shortened subcommand help", required=False, default=[]
+    )
     subparsers = [a for a in actions if isinstance(a, getattr(argparse, "_SubParsersAction", ()))]
     return [choice for action in subparsers for choice in getattr(action, "_choices_actions", [])]
 
@@ -184,7 +188,7 @@ def is_compiled_lightning_module(pl_module: Any) -> bool:
     return getattr(pl_module, "_compiler_ctx", None) is not None
 
 
-def compiled_module_type() -> Optional[type]:
+def compiled_module_type() -> type | None:
     """The class of ``torch.compile``'d submodules (imported lazily: loading dynamo is slow)."""
     if "torch._dynamo" not in sys.modules:  # torch.compile loads it: without it, nothing was compiled
         return None

@@ -13,8 +13,8 @@ import contextlib
 import functools
 import math
 import random
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -50,7 +50,7 @@ def schedule_for(trainer: Trainer, every: int, batch_scale: int, scaling: str) -
     )
 
 
-def accumulation_schedule_of(trainer: Trainer) -> Optional[BatchSchedule]:
+def accumulation_schedule_of(trainer: Trainer) -> BatchSchedule | None:
     """The batch schedule of the running fit if its DROP epochs accumulate micro-batches, else ``None``."""
     schedule = getattr(trainer, _SCHEDULE_ATTRIBUTE, None)
     return schedule if isinstance(schedule, BatchSchedule) and schedule.batch_scale > 1 else None
@@ -76,7 +76,7 @@ class GradientAccumulationScaler:
     def __init__(self, trainer: Trainer, schedule: BatchSchedule, undo: UndoList) -> None:
         self._schedule = schedule
         self._user = trainer.accumulate_grad_batches
-        self._written: Optional[int] = None
+        self._written: int | None = None
         # Recorded unchanged: the value is set per batch, and the undo puts the user's back.
         undo.set_attribute(trainer, "accumulate_grad_batches", trainer.accumulate_grad_batches)
         # ``lightning_ldb.estimated_stepping_batches`` finds the schedule on the trainer (no mixin here).
@@ -123,7 +123,7 @@ def attach_batch_schedule(source: Any, schedule: BatchSchedule, undo: UndoList) 
     return True
 
 
-def batch_schedule_of(source: Any) -> Optional[BatchSchedule]:
+def batch_schedule_of(source: Any) -> BatchSchedule | None:
     """The batch schedule ``source`` serves in the running fit, or ``None`` if it loads unscaled batches."""
     schedule = getattr(source, _SCHEDULE_ATTRIBUTE, None)
     return schedule if isinstance(schedule, BatchSchedule) and schedule.batch_scale > 1 else None
@@ -296,7 +296,7 @@ class LDBDataModuleMixin:
         return schedule.batch_size(trainer.current_epoch if epoch is None else epoch, base)
 
 
-def _attached_trainer(obj: Any) -> Optional[Trainer]:
+def _attached_trainer(obj: Any) -> Trainer | None:
     # ``LightningModule.trainer`` raises when detached; ``LightningDataModule.trainer`` is None.
     try:
         return obj.trainer
@@ -326,11 +326,11 @@ def _scaled_train_dataloader(train_dataloader: Callable[[Any], Any]) -> Callable
         scaled = [self.ldb_batch_size(base) for base in bases]
         self._ldb_scaling = True
         try:
-            for (holder, key), size in zip(holders, scaled):
+            for (holder, key), size in zip(holders, scaled, strict=False):
                 holder[key] = size
             loader = train_dataloader(self)
         finally:
-            for (holder, key), base in zip(holders, bases):
+            for (holder, key), base in zip(holders, bases, strict=False):
                 holder[key] = base
             self._ldb_scaling = False
         if scaled != bases:
@@ -388,7 +388,7 @@ def _raise_unscaled(obj: Any, where: str, loaded: int, bases: list[int], scaled:
     )
 
 
-def _loader_batch_size(loader: Any) -> Optional[int]:
+def _loader_batch_size(loader: Any) -> int | None:
     size = getattr(loader, "batch_size", None)
     if size is None:
         size = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
@@ -414,7 +414,7 @@ def _is_int(value: Any) -> bool:
 # ------------------------------------------------------------------------------------------------ the fit's wiring
 def attach(
     trainer: Trainer, pl_module: LightningModule, every: int, batch_scale: int, scaling: str, undo: UndoList
-) -> Optional[Union[TrainLoaderReloader, GradientAccumulationScaler]]:
+) -> TrainLoaderReloader | GradientAccumulationScaler | None:
     """Hand the fit's batch schedule to what changes the batch: the train loader's source if it is a mixin, or (with
     ``batch_scaling="accumulate"``) the trainer's accumulation."""
     if batch_scale == 1:
@@ -510,7 +510,9 @@ def warn_if_resumed_short_epoch(trainer: Trainer, every: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ optimizer steps
-def optimizer_steps_per_epoch(samples: int, batch_size: int, drop_last: bool, limit_batches: Union[int, float], accumulate: int) -> int:
+def optimizer_steps_per_epoch(
+    samples: int, batch_size: int, drop_last: bool, limit_batches: int | float, accumulate: int
+) -> int:
     """Optimizer steps of one epoch of ``samples`` (per device) in batches of ``batch_size``.
 
     ``limit_batches`` is Lightning's ``limit_train_batches`` (an int caps the batch count, a float keeps
@@ -526,14 +528,11 @@ def optimizer_steps_per_epoch(samples: int, batch_size: int, drop_last: bool, li
         3
     """
     batches = samples // batch_size if drop_last else math.ceil(samples / batch_size)
-    if isinstance(limit_batches, int):
-        batches = min(batches, limit_batches)
-    else:
-        batches = int(batches * limit_batches)
+    batches = min(batches, limit_batches) if isinstance(limit_batches, int) else int(batches * limit_batches)
     return math.ceil(batches / accumulate)
 
 
-def estimated_stepping_batches(trainer: Trainer) -> Union[int, float]:
+def estimated_stepping_batches(trainer: Trainer) -> int | float:
     """The number of optimizer steps the whole fit takes under the LDB schedule.
 
     Call it where you would call ``trainer.estimated_stepping_batches``, e.g. in ``configure_optimizers``
@@ -568,6 +567,7 @@ def estimated_stepping_batches(trainer: Trainer) -> Union[int, float]:
     samples = len(loader.sampler)  # type: ignore[arg-type]  # per device, once Lightning has injected its DistributedSampler
     loaded_epoch = trainer.current_epoch  # the loader was built for this epoch's batch size
     base = schedule.base_size(loaded_epoch, loader.batch_size)
+
     def steps(epoch: int) -> int:
         return optimizer_steps_per_epoch(
             samples,
@@ -583,7 +583,7 @@ def estimated_stepping_batches(trainer: Trainer) -> Union[int, float]:
     return min(total, max_steps) if max_steps != -1 else total
 
 
-def _accumulated_steps(trainer: Trainer, schedule: BatchSchedule) -> Union[int, float]:
+def _accumulated_steps(trainer: Trainer, schedule: BatchSchedule) -> int | float:
     # Every epoch has the same batches (the loader is unchanged); DROP epochs step once per more of them.
     max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
     if max_epochs is None or max_epochs == -1:

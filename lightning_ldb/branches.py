@@ -20,10 +20,10 @@ This module is LDB's pure core: torch and the standard library only.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Any, Callable, Optional, Union
+from typing import Any, Union
 
 from torch import nn
 
@@ -138,10 +138,10 @@ _RULES: tuple[_Rule, ...] = (
 )
 
 #: What ``branches=`` accepts.
-BranchesSpec = Union[None, Mapping[str, Sequence[str]], Callable[[nn.Module], Iterable[Branch]]]
+BranchesSpec = Union[None, Mapping[str, Sequence[str]], Callable[[nn.Module], Iterable[Branch]]]  # noqa: UP007  # a runtime alias
 
 
-def _forward_owner(module: nn.Module) -> Optional[type]:
+def _forward_owner(module: nn.Module) -> type | None:
     """The class in ``type(module)``'s MRO that defines ``forward``."""
     for cls in type(module).__mro__:
         if "forward" in vars(cls):
@@ -149,7 +149,7 @@ def _forward_owner(module: nn.Module) -> Optional[type]:
     return None
 
 
-def _rule_for(module: nn.Module) -> Optional[_Rule]:
+def _rule_for(module: nn.Module) -> _Rule | None:
     """The rule of the class defining ``module``'s ``forward`` (matched by name and module), if any."""
     owner = _forward_owner(module)
     if owner is None:
@@ -166,7 +166,7 @@ def _missing_members(module: nn.Module, rule: _Rule) -> list[str]:
 
 def _matched_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module, _Rule]]:
     """The blocks the built-in rules recognise, outermost only: their own descendants are not searched again."""
-    inside: Optional[str] = None
+    inside: str | None = None
     for name, module in model.named_modules():
         if inside is not None and (name == inside or name.startswith(inside + ".") or inside == ""):
             continue
@@ -178,7 +178,7 @@ def _matched_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module, _Rule]]:
         inside = name
 
 
-def _submodule(root: nn.Module, relative: str) -> Optional[nn.Module]:
+def _submodule(root: nn.Module, relative: str) -> nn.Module | None:
     try:
         return root.get_submodule(relative)
     except AttributeError:
@@ -207,7 +207,7 @@ def _make_branch(
 
 def _builtin_branches(model: nn.Module, positions: Mapping[str, int]) -> list[Branch]:
     found = []
-    for name, module, rule in _matched_blocks(model):
+    for name, _module, rule in _matched_blocks(model):
         for relative in rule.branches:
             qualified = [_join(name, r) for r in relative]
             found.append(_make_branch(model, qualified[0], qualified, positions))
@@ -471,8 +471,8 @@ def select_branch_candidates(
     layers: Sequence[Layer],
     keep_first: int,
     keep_last: int,
-    include: Optional[Sequence[str]] = None,
-    exclude: Optional[Sequence[str]] = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
 ) -> list[Branch]:
     """The branches that may be dropped, consistent with weights mode.
 

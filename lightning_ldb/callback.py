@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Optional, Union
+from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
@@ -53,8 +53,8 @@ class EpochTimer:
 
     def __init__(self) -> None:
         self._elapsed = 0.0
-        self._start: Optional[float] = None
-        self._paused_at: Optional[float] = None
+        self._start: float | None = None
+        self._paused_at: float | None = None
         self._paused = 0.0
 
     def start(self) -> None:
@@ -87,7 +87,7 @@ class _Fit:
     undo: UndoList  # closes the engine and the sync too
     #: What changes the batch between epochs: the train-loader reload (``batch_scaling="loader"`` with the mixin),
     #: or the accumulation (``"accumulate"``).
-    reloader: Optional[Union[TrainLoaderReloader, GradientAccumulationScaler]] = None
+    reloader: TrainLoaderReloader | GradientAccumulationScaler | None = None
     timer: EpochTimer = field(default_factory=EpochTimer)
 
     @property
@@ -182,10 +182,10 @@ class LayerDropBackCallback(Callback):
         keep_first: int = 4,
         keep_last: int = 1,
         resample: str = "epoch",
-        seed: Optional[int] = None,
+        seed: int | None = None,
         granularity: str = "module",
-        include: Optional[Sequence[str]] = None,
-        exclude: Optional[Sequence[str]] = None,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
         communication: str = "auto",
         backward: str = "weights",
         branches: Any = None,
@@ -194,16 +194,16 @@ class LayerDropBackCallback(Callback):
         #: callback (``callback.drop_rate``); setting one replaces the settings, checked again.
         self.settings = Settings.from_locals(locals())
         super().__init__()
-        self._fit: Optional[_Fit] = None
+        self._fit: _Fit | None = None
         # What the last fit left for introspection and ``state_dict`` after it ended (no live objects).
-        self._last_seed: Optional[int] = None
+        self._last_seed: int | None = None
         self._last_mode = FULL
         self._last_candidates: tuple[str, ...] = ()
-        self._last_run_order: Optional[list[str]] = None
+        self._last_run_order: list[str] | None = None
 
     # ------------------------------------------------------------------ introspection
     @property
-    def seed_argument(self) -> Optional[int]:
+    def seed_argument(self) -> int | None:
         """The ``seed`` argument (``None``: resolved at each fit); :attr:`seed` is the one in use."""
         return self.settings.seed
 
@@ -223,7 +223,7 @@ class LayerDropBackCallback(Callback):
         return self._fit.engine.candidate_layers if self._fit is not None else self._last_candidates
 
     @property
-    def seed(self) -> Optional[int]:
+    def seed(self) -> int | None:
         """The seed of LDB's private generator: of the running fit once resolved in ``setup``, else of the last one."""
         return self._fit.engine.seed if self._fit is not None else self._last_seed
 
@@ -244,7 +244,9 @@ class LayerDropBackCallback(Callback):
             sync = strategy_sync(trainer, pl_module, self.settings, undo)  # before the strategy wraps the model
             engine = LayerDropBack(pl_module, (), **self.settings.engine_arguments(), sync=sync)
             undo.callback(engine.close)
-            reloader = batching.attach(trainer, pl_module, self.settings.every, self.settings.batch_scale, self.settings.batch_scaling, undo)
+            reloader = batching.attach(
+                trainer, pl_module, self.settings.every, self.settings.batch_scale, self.settings.batch_scaling, undo
+            )
             engine._batch_scaled = isinstance(reloader, TrainLoaderReloader)
             fit = _Fit(engine, sync, undo.pop_all(), reloader=reloader)  # set up: the fit owns the undo list now
         self._fit = fit

@@ -29,7 +29,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 from types import TracebackType
-from typing import Any, NoReturn, Optional
+from typing import Any, NoReturn
 
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
@@ -92,7 +92,7 @@ _SUBCOMMAND_IN_PROG = re.compile(r"\s+(fit|validate|test|predict)$")
 _NOT_ACCEPTED = re.compile(r"^--(?P<key>[\w.]+) \((?P<cls>[\w.]+)\): Option '(?P<name>[^']+)' is not accepted$")
 
 
-def verbose_requested(verbose: Optional[bool] = None) -> bool:
+def verbose_requested(verbose: bool | None = None) -> bool:
     """Whether ``ldb`` runs verbosely: ``verbose`` if given, else the ``LDB_VERBOSE`` environment variable.
 
     Args:
@@ -130,7 +130,7 @@ class LDBArgumentParser(LightningArgumentParser):
     #: Set by :class:`LDBCLI`: report errors in full, as jsonargparse does.
     verbose = False
 
-    def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if self.verbose or not self.exit_on_error:
             super().error(message, ex)
         short = _short_parse_message(message, ex)
@@ -152,7 +152,6 @@ class LDBArgumentParser(LightningArgumentParser):
         lines.append(f"tip: {prog} --help lists the options; --verbose shows the full error.")
         sys.stderr.write("\n".join(lines) + "\n")
         self.exit(2)
-
 
     def _did_you_mean(self, arguments: list[str]) -> Iterator[str]:
         """``"; did you mean --trainer.max_epochs?"`` for each unrecognized ``--option`` close to a real one."""
@@ -194,7 +193,7 @@ def _init_parameters(cls: Any) -> list[str]:
     return names
 
 
-def _short_parse_message(message: str, ex: Optional[BaseException]) -> str:
+def _short_parse_message(message: str, ex: BaseException | None) -> str:
     """jsonargparse's message without the Union listing: the full key, then the first real problem."""
     if _UNION_ERROR not in message or ex is None:
         return message
@@ -211,7 +210,7 @@ def _short_parse_message(message: str, ex: Optional[BaseException]) -> str:
 def _chain(error: BaseException) -> Iterator[BaseException]:
     """``error`` and the exceptions it was raised from or while handling, outermost first."""
     seen: set[int] = set()
-    current: Optional[BaseException] = error
+    current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         yield current
@@ -222,7 +221,7 @@ def _in_jsonargparse(filename: str) -> bool:
     return f"{os.sep}jsonargparse{os.sep}" in filename
 
 
-def _raised_by_init(error: BaseException) -> Optional[tuple[type, bool]]:
+def _raised_by_init(error: BaseException) -> tuple[type, bool] | None:
     """The class whose ``__init__`` raised ``error``, and whether as a check of its arguments; or ``None``.
 
     A check of the arguments is a ``raise`` statement in the ``__init__`` of a class the command instantiates
@@ -235,13 +234,13 @@ def _raised_by_init(error: BaseException) -> Optional[tuple[type, bool]]:
         return None  # jsonargparse's own complaint (a wrapper), not the class's
     for index, entry in enumerate(entries):
         frame = entry.tb_frame
-        if frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
-            if not _in_jsonargparse(frame.f_code.co_filename):
-                own_file = frame.f_code.co_filename
-                checked = _is_raise_statement(entries[-1]) and all(
-                    _in_checking_code(e.tb_frame, own_file) for e in entries[index:]
-                )
-                return type(frame.f_locals["self"]), checked
+        in_init = frame.f_code.co_name == "__init__" and "self" in frame.f_locals
+        if in_init and not _in_jsonargparse(frame.f_code.co_filename):
+            own_file = frame.f_code.co_filename
+            checked = _is_raise_statement(entries[-1]) and all(
+                _in_checking_code(e.tb_frame, own_file) for e in entries[index:]
+            )
+            return type(frame.f_locals["self"]), checked
     return None
 
 
@@ -290,7 +289,7 @@ def _import_class_path(class_path: Any) -> Any:
         return None
 
 
-def _find_class(config: Any, cls: type, path: str = "") -> Optional[tuple[str, str]]:
+def _find_class(config: Any, cls: type, path: str = "") -> tuple[str, str] | None:
     """The key of ``config`` whose ``class_path`` is ``cls``, and that class path, or ``None``."""
     from jsonargparse import Namespace
 
@@ -323,7 +322,7 @@ def _quiet() -> Iterator[None]:
         try:
             yield
         finally:
-            for logger, level in zip(loggers, levels):
+            for logger, level in zip(loggers, levels, strict=False):
                 logger.setLevel(level)
 
 
@@ -352,7 +351,7 @@ class LDBCLI(LightningCLI):
     """
 
     def __init__(
-        self, args: ArgsType = None, prog: Optional[str] = None, verbose: Optional[bool] = None, **kwargs: Any
+        self, args: ArgsType = None, prog: str | None = None, verbose: bool | None = None, **kwargs: Any
     ) -> None:
         _import_examples()
         self.verbose = verbose_requested(verbose)
@@ -424,13 +423,11 @@ def _import_examples() -> None:
     # jsonargparse resolves a short class name (`--model=ImageClassifier`) among the imported
     # subclasses: importing this package made `LayerDropBackCallback` one, this makes the examples
     # others. Without the `examples` extra the CLI still takes the user's classes by class path.
-    try:
+    with contextlib.suppress(ImportError):
         importlib.import_module("lightning_ldb.examples")
-    except ImportError:
-        pass
 
 
-def main(args: ArgsType = None, prog: Optional[str] = None) -> None:
+def main(args: ArgsType = None, prog: str | None = None) -> None:
     """Run the ``ldb`` command.
 
     ``--verbose`` anywhere in the arguments is taken out of them and makes the run verbose (see
@@ -449,7 +446,7 @@ def main(args: ArgsType = None, prog: Optional[str] = None) -> None:
             "The ldb command needs jsonargparse[signatures]: pip install 'lightning-ldb[examples]'"
             " (or pip install 'jsonargparse[signatures]')."
         )
-    verbose: Optional[bool] = None
+    verbose: bool | None = None
     if args is None and VERBOSE_FLAG in sys.argv[1:]:
         sys.argv[1:] = [arg for arg in sys.argv[1:] if arg != VERBOSE_FLAG]  # args=None keeps reading sys.argv
         verbose = True

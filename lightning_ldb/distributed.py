@@ -46,7 +46,7 @@ class Sync(Protocol):
     def before_draw(self) -> None:
         """A draw is about to freeze units; every unit is as trainable as the user left it."""
 
-    def on_trainable_set_changed(self, draw_key: Optional[DrawKey], dropped: tuple[str, ...]) -> None:
+    def on_trainable_set_changed(self, draw_key: DrawKey | None, dropped: tuple[str, ...]) -> None:
         """LDB just froze ``dropped`` for ``draw_key``, or (``draw_key=None``) released every unit."""
 
     def close(self) -> None:
@@ -62,7 +62,7 @@ class LocalSync:
     def before_draw(self) -> None:
         pass
 
-    def on_trainable_set_changed(self, draw_key: Optional[DrawKey], dropped: tuple[str, ...]) -> None:
+    def on_trainable_set_changed(self, draw_key: DrawKey | None, dropped: tuple[str, ...]) -> None:
         pass
 
     def close(self) -> None:
@@ -98,10 +98,10 @@ class CheckedSync(ABC):
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj``, on every rank."""
 
-    def before_draw(self) -> None:
+    def before_draw(self) -> None:  # noqa: B027  # an optional hook
         """A draw is about to freeze units (nothing to do unless a subclass says so)."""
 
-    def on_trainable_set_changed(self, draw_key: Optional[DrawKey], dropped: tuple[str, ...]) -> None:
+    def on_trainable_set_changed(self, draw_key: DrawKey | None, dropped: tuple[str, ...]) -> None:
         """Check that every rank drew the same, then let the subclass follow the change.
 
         Raises:
@@ -113,10 +113,10 @@ class CheckedSync(ABC):
             self.check.on_draw(self, draw_key, dropped)
         self.after_change()
 
-    def after_change(self) -> None:
+    def after_change(self) -> None:  # noqa: B027  # an optional hook
         """The trainable set just changed and every rank agrees (nothing to do unless a subclass says so)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  # an optional hook
         """Let go of every wrapper and hook this object holds (nothing unless a subclass says so)."""
 
 
@@ -157,7 +157,9 @@ def check_servable(model: nn.Module, fabric: Any = None) -> None:
     # train something else); FSDP2 is served by the Trainer's ModelParallelStrategy adapter, not here.
     if fabric is not None:
         strategy = type(fabric.strategy)
-        servable = any(cls.__name__ == "SingleDeviceStrategy" for cls in strategy.__mro__) or wraps_in_ddp(fabric.strategy)
+        servable = any(cls.__name__ == "SingleDeviceStrategy" for cls in strategy.__mro__) or wraps_in_ddp(
+            fabric.strategy
+        )
         if not servable:
             raise ValueError(
                 f"LayerDropBack(fabric=...) does not support Fabric's {strategy.__name__}. Use one device or"
@@ -172,7 +174,7 @@ def check_servable(model: nn.Module, fabric: Any = None) -> None:
         )
 
 
-def find_ddp_wrapper(model: nn.Module) -> Optional[DistributedDataParallel]:
+def find_ddp_wrapper(model: nn.Module) -> DistributedDataParallel | None:
     """The ``DistributedDataParallel`` that ``model`` is or (as Fabric's wrapper) holds, if any."""
     return next((m for m in model.modules() if isinstance(m, DistributedDataParallel)), None)
 
@@ -192,7 +194,7 @@ class ProcessGroupSync(CheckedSync):
         super().__init__(resample)
         self.model = model
         self.fabric = fabric
-        self._hooked: Optional[DistributedDataParallel] = None
+        self._hooked: DistributedDataParallel | None = None
 
     @property
     def world_size(self) -> int:
@@ -275,7 +277,7 @@ def register_trainable_only_hook(wrapper: DistributedDataParallel) -> None:
 
 
 def allreduce_trainable_only(
-    process_group: Optional[dist.ProcessGroup], bucket: dist.GradBucket
+    process_group: dist.ProcessGroup | None, bucket: dist.GradBucket
 ) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: average only the gradients of parameters that require a gradient now.
 
@@ -297,7 +299,7 @@ def allreduce_trainable_only(
     world_size = dist.get_world_size(group)
     buffer = bucket.buffer()
     gradients = bucket.gradients()
-    trainable = [grad for param, grad in zip(bucket.parameters(), gradients) if param.requires_grad]
+    trainable = [grad for param, grad in zip(bucket.parameters(), gradients, strict=False) if param.requires_grad]
     if len(trainable) == len(gradients):
         buffer.div_(world_size)
         return dist.all_reduce(buffer, group=group, async_op=True).get_future().then(lambda fut: fut.value()[0])
@@ -321,7 +323,7 @@ def allreduce_trainable_only(
 # DDP's ``register_comm_hook`` compares the hook's annotations with the real types; ``from __future__ import
 # annotations`` turned them into strings, so they are restored here.
 allreduce_trainable_only.__annotations__ = {
-    "process_group": Optional[dist.ProcessGroup],
+    "process_group": Optional[dist.ProcessGroup],  # noqa: UP045  # compared at runtime by DDP
     "bucket": dist.GradBucket,
     "return": torch.futures.Future[torch.Tensor],
 }
@@ -357,8 +359,8 @@ class CrossRankDrawCheck:
 
     def __init__(self, per_draw: bool) -> None:
         self.per_draw = per_draw
-        self._epoch: Optional[int] = None
-        self._running: Optional[int] = None
+        self._epoch: int | None = None
+        self._running: int | None = None
         self._history: list[tuple[DrawKey, tuple[str, ...]]] = []
 
     def on_draw(self, group: Any, draw_key: DrawKey, dropped: tuple[str, ...]) -> None:
@@ -391,9 +393,7 @@ class CrossRankDrawCheck:
         self._running, self._history = None, []
         self._verify(group, digest, history)
 
-    def _verify(
-        self, group: Any, digest: int, history: list[tuple[DrawKey, tuple[str, ...]]]
-    ) -> None:
+    def _verify(self, group: Any, digest: int, history: list[tuple[DrawKey, tuple[str, ...]]]) -> None:
         if group.world_size <= 1 or not dist.is_initialized():
             return
         # ``torch.distributed.all_gather`` rather than ``strategy.all_gather``, whose autograd-aware path warns
@@ -410,7 +410,7 @@ class CrossRankDrawCheck:
         raise RuntimeError(_disagreement_message(self._epoch, histories))
 
 
-def _disagreement_message(epoch: Optional[int], histories: list[Any]) -> str:
+def _disagreement_message(epoch: int | None, histories: list[Any]) -> str:
     """Describe the first draw in which some rank differs from rank 0."""
     reference = histories[0]
     detail = ""

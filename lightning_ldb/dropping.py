@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
@@ -76,7 +76,7 @@ class ParameterFreezer:
                 frozen_ids.add(id(param))
         return count
 
-    def clear_grads(self, optimizer: Optional[Optimizer] = None) -> None:
+    def clear_grads(self, optimizer: Optimizer | None = None) -> None:
         """Drop any gradient a frozen parameter picked up (e.g. a ``zero_grad(set_to_none=False)``).
 
         Args:
@@ -225,8 +225,8 @@ class Units(ABC):
         granularity: str,
         keep_first: int,
         keep_last: int,
-        include: Optional[Sequence[str]],
-        exclude: Optional[Sequence[str]],
+        include: Sequence[str] | None,
+        exclude: Sequence[str] | None,
     ) -> None:
         self.freezer = freezer
         self.granularity = granularity
@@ -258,7 +258,9 @@ class Units(ABC):
         """Undo every drop exactly: parameters trainable again, hooks removed."""
         self.freezer.restore()
 
-    def drop(self, dropped: Sequence[Unit], candidates: Sequence[Unit]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    def drop(
+        self, dropped: Sequence[Unit], candidates: Sequence[Unit]
+    ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """Drop ``dropped`` (drawn from ``candidates``); return the frozen parameters and all droppable ones."""
         # A parameter shared with a layer that is always trained (kept first/last, excluded) is never dropped.
         kept = self._always_trained(candidates)
@@ -282,20 +284,17 @@ class Units(ABC):
         return self._why_filtered(rest)
 
     @abstractmethod
-    def _why_filtered(self, rest: Sequence[Layer]) -> str:
-        ...
+    def _why_filtered(self, rest: Sequence[Layer]) -> str: ...
 
     def _trainable_layers(self) -> list[Layer]:
         # keep_first/keep_last count the layers trainable now, in run order.
         return [layer for layer in self.ordered if layer.trainable]
 
     @abstractmethod
-    def _check(self, model: nn.Module) -> None:
-        ...
+    def _check(self, model: nn.Module) -> None: ...
 
     @abstractmethod
-    def _always_trained(self, candidates: Sequence[Any]) -> set[int]:
-        ...
+    def _always_trained(self, candidates: Sequence[Any]) -> set[int]: ...
 
 
 class LayerUnits(Units):
@@ -349,7 +348,9 @@ class BranchUnits(Units):
             branches, self._trainable_layers(), self.keep_first, self.keep_last, self.include, self.exclude
         )
 
-    def drop(self, dropped: Sequence[Unit], candidates: Sequence[Unit]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    def drop(
+        self, dropped: Sequence[Unit], candidates: Sequence[Unit]
+    ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         frozen, droppable = super().drop(dropped, candidates)
         self.detacher.detach(dropped)  # type: ignore[arg-type]  # BranchUnits only ever draws branches
         return frozen, droppable
@@ -393,8 +394,8 @@ def units_for(
     granularity: str,
     keep_first: int,
     keep_last: int,
-    include: Optional[Sequence[str]] = None,
-    exclude: Optional[Sequence[str]] = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
     branches: BranchesSpec = None,
 ) -> Units:
     """The :class:`Units` of ``backward`` (``"weights"``: layers, ``"block"``: residual branches)."""

@@ -19,7 +19,7 @@ import logging
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -106,7 +106,7 @@ class LayerDropBack:
     def __init__(
         self,
         model: nn.Module,
-        optimizers: Union[Optimizer, Iterable[Any], None] = (),
+        optimizers: Optimizer | Iterable[Any] | None = (),
         drop_rate: float = 0.3,
         every: int = 2,
         lr_scale: float = 2.0,
@@ -114,15 +114,15 @@ class LayerDropBack:
         keep_first: int = 4,
         keep_last: int = 1,
         resample: str = "epoch",
-        seed: Optional[int] = None,
+        seed: int | None = None,
         granularity: str = "module",
-        include: Optional[Sequence[str]] = None,
-        exclude: Optional[Sequence[str]] = None,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
         backward: str = "weights",
         branches: BranchesSpec = None,
         *,
         fabric: Any = None,
-        sync: Optional[Sync] = None,
+        sync: Sync | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
@@ -130,21 +130,23 @@ class LayerDropBack:
         self.model = model
         self.module, self._model_compiled = _unwrap_model(model)
         self._freezer = ParameterFreezer()
-        self._units = units_for(s.backward, self._freezer, s.granularity, s.keep_first, s.keep_last, s.include, s.exclude, s.branches)
+        self._units = units_for(
+            s.backward, self._freezer, s.granularity, s.keep_first, s.keep_last, s.include, s.exclude, s.branches
+        )
         self._lr = StepLRScaler(before_step=self._before_step, after_step=self._after_step)
         self._sync: Sync = sync if sync is not None else sync_for(model, s.resample, fabric)
         #: Module names in the order they took part in a training step, see ``RunOrderRecorder`` (``None``: not yet).
-        self.run_order: Optional[list[str]] = None
+        self.run_order: list[str] | None = None
         self.candidates: list[Unit] = []
         self.dropped: tuple[Unit, ...] = ()
         self.mode = FULL
         #: Optimizer steps taken inside :meth:`epoch` (the step of ``resample="step"`` draws in a plain loop).
         self.steps = 0
-        self._epoch: Optional[int] = None
-        self._draw_key: Optional[DrawKey] = None
+        self._epoch: int | None = None
+        self._draw_key: DrawKey | None = None
         self._dropped_parameters: list[nn.Parameter] = []
         self._fractions: list[float] = []
-        self._recorder: Optional[RunOrderRecorder] = None
+        self._recorder: RunOrderRecorder | None = None
         self._driving = False  # inside ``epoch()``: the engine redraws and records by itself
         self._warned_nothing_to_drop = False
         self._warned_no_run_order = False
@@ -158,7 +160,7 @@ class LayerDropBack:
         self._placeholder_hooks: list[RemovableHandle] = []
         #: Whether DROP epochs load ``batch_scale`` times larger batches (said in warnings): ``True`` or ``False``, set
         #: by the callback (a mixin serves the train loader, or not); ``None`` in a plain loop (its loader's business).
-        self._batch_scaled: Optional[bool] = None
+        self._batch_scaled: bool | None = None
         self._stepped = False
         self.seed = self._resolve_seed()
         if any(True for _ in self.module.parameters()):
@@ -259,7 +261,7 @@ class LayerDropBack:
         self._release()
         self._lr.scale = self.settings.lr_scale if self.mode == DROP else 1.0
 
-    def _draw(self, epoch: int, step: Optional[int] = None) -> None:
+    def _draw(self, epoch: int, step: int | None = None) -> None:
         """Drop the units drawn for ``(epoch, step)`` among those trainable now.
 
         Called again with the same key, it only re-freezes what someone else made trainable since.
@@ -279,7 +281,7 @@ class LayerDropBack:
             self._warned_nothing_to_drop = True
             self._warn_nothing_to_drop(epoch)
         flags = draw_dropped(len(candidates), self.settings.drop_rate, self.seed, epoch, step)
-        dropped = tuple(unit for unit, drop in zip(candidates, flags) if drop)
+        dropped = tuple(unit for unit, drop in zip(candidates, flags, strict=False) if drop)
         frozen, droppable = self._units.drop(dropped, candidates)
         self.candidates, self.dropped, self._dropped_parameters, self._draw_key = candidates, dropped, frozen, key
         total = unique_numel(droppable)
@@ -592,7 +594,7 @@ def _unwrap_optimizer(optimizer: Any) -> Optimizer:
     return inner
 
 
-def _optimizer_list(optimizers: Union[Optimizer, Iterable[Any], None]) -> list[Any]:
+def _optimizer_list(optimizers: Optimizer | Iterable[Any] | None) -> list[Any]:
     if optimizers is None:
         return []
     if isinstance(optimizers, Optimizer) or hasattr(optimizers, "param_groups"):

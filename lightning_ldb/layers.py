@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,7 +23,6 @@ from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
-
 
 
 @dataclass(frozen=True)
@@ -170,8 +169,8 @@ def select_candidates(
     layers: Sequence[Layer],
     keep_first: int,
     keep_last: int,
-    include: Optional[Sequence[str]] = None,
-    exclude: Optional[Sequence[str]] = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
 ) -> list[Layer]:
     """The layers that may be dropped.
 
@@ -257,7 +256,7 @@ class RunOrderRecorder:
             state[buffer] = ()
         for param in model.parameters():
             state[param] = tuple(owners.get(id(param), ()))
-        self._mode: Optional[_ParameterUses] = _ParameterUses(state, self._used)
+        self._mode: _ParameterUses | None = _ParameterUses(state, self._used)
         self._mode.__enter__()
 
     def _counting(self) -> bool:

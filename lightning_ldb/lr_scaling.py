@@ -26,9 +26,9 @@ import numbers
 import threading
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import FrameType
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from torch.optim import Optimizer
@@ -51,8 +51,8 @@ class StepLRScaler:
 
     def __init__(
         self,
-        before_step: Optional[Callable[[Optimizer], None]] = None,
-        after_step: Optional[Callable[[Optimizer], None]] = None,
+        before_step: Callable[[Optimizer], None] | None = None,
+        after_step: Callable[[Optimizer], None] | None = None,
     ) -> None:
         self.scale = 1.0
         self._before_step = before_step
@@ -72,7 +72,7 @@ class StepLRScaler:
         # With the thread the calls run in: another thread's stack (a DataParallel replica's forward) says nothing.
         self._calls: dict[int, tuple[int, list[FrameType | None]]] = {}
 
-    def is_attached(self, optimizer: Optional[Optimizer] = None) -> bool:
+    def is_attached(self, optimizer: Optimizer | None = None) -> bool:
         """Whether ``optimizer`` is hooked; without one, whether any is (without one, no ``step()`` is scaled or seen)."""
         if optimizer is None:
             return len(self._attached) > 0
@@ -131,7 +131,7 @@ class StepLRScaler:
             del self._calls[key]
             self._unscale(key)  # the outermost call raised: as if it had not happened
 
-    def _pre_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> Optional[tuple[Any, Any]]:
+    def _pre_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
         key = id(optimizer)
         if key in self._calls:  # nested in a running call, or left behind by a call that raised
             self._forget_ended_calls(key, _frames_on_stack())
@@ -187,7 +187,7 @@ class StepLRScaler:
             self._warn_unscalable(optimizer, lrs)
             return
         derived = [{key: group[key] for key in LR_DERIVED_ENTRIES if key in group} for group in groups]
-        self._unscaled[id(optimizer)] = (optimizer, groups, list(zip(lrs, derived)))
+        self._unscaled[id(optimizer)] = (optimizer, groups, list(zip(lrs, derived, strict=False)))
         for group in groups:
             group["lr"] = group["lr"] * self.scale
 
@@ -196,7 +196,7 @@ class StepLRScaler:
         if entry is None:
             return
         _, groups, saved = entry
-        for group, (lr, derived) in zip(groups, saved):
+        for group, (lr, derived) in zip(groups, saved, strict=False):
             group["lr"] = lr
             for name, before in derived.items():
                 group[name] = _unscaled_entry(LR_DERIVED_ENTRIES[name], before, group.get(name, before), self.scale)
@@ -223,7 +223,7 @@ def _frames_on_stack() -> set[int]:
     return live
 
 
-def _find_closure(args: Any, kwargs: Any) -> tuple[Optional[Callable[..., Any]], bool]:
+def _find_closure(args: Any, kwargs: Any) -> tuple[Callable[..., Any] | None, bool]:
     """The closure ``step`` was given (as ``closure=`` or as its first argument after ``self``), and whether positionally.
 
     The step hooks get ``args`` with the optimizer itself first.

@@ -14,7 +14,7 @@ import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -47,7 +47,7 @@ def check_int(name: str, value: Any, minimum: int) -> int:
 
 
 def check_float(
-    name: str, value: Any, low: float, high: Optional[float] = None, low_inclusive: bool = True, hint: str = ""
+    name: str, value: Any, low: float, high: float | None = None, low_inclusive: bool = True, hint: str = ""
 ) -> float:
     """Return ``value`` as a float if it is a real number in the given interval; raise otherwise."""
     interval = f"{'[' if low_inclusive else '('}{low}, {high if high is not None else 'inf'})"
@@ -70,7 +70,7 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     return value
 
 
-def check_patterns(name: str, value: Any) -> Optional[tuple[str, ...]]:
+def check_patterns(name: str, value: Any) -> tuple[str, ...] | None:
     """Return ``value`` as a tuple of non-empty strings (or ``None``); raise otherwise."""
     if value is None:
         return None
@@ -112,10 +112,10 @@ class Settings:
     keep_first: int = 4
     keep_last: int = 1
     resample: str = "epoch"
-    seed: Optional[int] = None
+    seed: int | None = None
     granularity: str = "module"
-    include: Optional[Sequence[str]] = None
-    exclude: Optional[Sequence[str]] = None
+    include: Sequence[str] | None = None
+    exclude: Sequence[str] | None = None
     communication: str = "auto"
     backward: str = "weights"
     branches: BranchesSpec = None
@@ -165,6 +165,7 @@ class Settings:
 #: The two training modes of an epoch.
 DROP = "drop"
 FULL = "full"
+
 
 def is_drop_epoch(epoch: int, every: int) -> bool:
     """Whether ``epoch`` is a DROP epoch: ``epoch > 0 and epoch % every == 0``.
@@ -219,16 +220,16 @@ class BatchSchedule:
 
     every: int
     batch_scale: int
-    limit_train_batches: Union[int, float, None] = None
+    limit_train_batches: int | float | None = None
     scaling: str = "loader"
     accumulate_grad_batches: int = 1
-    val_check_interval: Optional[Union[int, float]] = None
+    val_check_interval: int | float | None = None
 
-    def limit_batches(self, epoch: int) -> Union[int, float, None]:
+    def limit_batches(self, epoch: int) -> int | float | None:
         """``limit_train_batches`` for ``epoch``: an int limit divided by ``batch_scale`` on DROP epochs (at least 1)."""
         return self._batch_count(epoch, self.limit_train_batches)
 
-    def val_check_batches(self, epoch: int) -> Optional[Union[int, float]]:
+    def val_check_batches(self, epoch: int) -> int | float | None:
         """``val_check_interval`` for ``epoch``: an int interval divided by ``batch_scale`` on DROP epochs (at least 1)."""
         return self._batch_count(epoch, self.val_check_interval)
 
@@ -249,7 +250,7 @@ class BatchSchedule:
     def _loader_scaled(self, epoch: int) -> bool:
         return self.scaling == "loader" and is_drop_epoch(epoch, self.every)
 
-    def _batch_count(self, epoch: int, value: Optional[Union[int, float]]) -> Optional[Union[int, float]]:
+    def _batch_count(self, epoch: int, value: int | float | None) -> int | float | None:
         # Only a count of batches follows the batch size; a fraction of the epoch is the same fraction.
         if isinstance(value, int) and not isinstance(value, bool) and self._loader_scaled(epoch):
             return max(1, value // self.batch_scale)
@@ -261,10 +262,10 @@ class BatchSchedule:
 GLOBAL_SEED_ENV = "PL_GLOBAL_SEED"
 
 #: What a draw is a function of, besides the seed: ``(epoch, step)``, ``step`` ``None`` with ``resample="epoch"``.
-DrawKey = tuple[int, Optional[int]]
+DrawKey = tuple[int, int | None]
 
 
-def draw_key(seed: int, epoch: int, step: Optional[int] = None) -> int:
+def draw_key(seed: int, epoch: int, step: int | None = None) -> int:
     """A 63-bit generator seed that depends on every part of ``(seed, epoch, step)``.
 
     Hashing (rather than, say, ``seed + epoch``) keeps the draws of nearby seeds and epochs unrelated.
@@ -273,7 +274,9 @@ def draw_key(seed: int, epoch: int, step: Optional[int] = None) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def draw_dropped(num_candidates: int, drop_rate: float, seed: int, epoch: int, step: Optional[int] = None) -> tuple[bool, ...]:
+def draw_dropped(
+    num_candidates: int, drop_rate: float, seed: int, epoch: int, step: int | None = None
+) -> tuple[bool, ...]:
     """Drop each of ``num_candidates`` layers independently with probability ``drop_rate``.
 
     Returns one flag per candidate, ``True`` for dropped. ``drop_rate=0`` drops nothing.
@@ -292,7 +295,7 @@ def draw_dropped(num_candidates: int, drop_rate: float, seed: int, epoch: int, s
     return tuple((uniform < drop_rate).tolist())
 
 
-def global_seed() -> Optional[int]:
+def global_seed() -> int | None:
     """The seed last passed to ``lightning.seed_everything`` in this process, if any."""
     value = os.environ.get(GLOBAL_SEED_ENV)
     return int(value) if value is not None else None

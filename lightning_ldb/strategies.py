@@ -26,7 +26,7 @@ nothing (:class:`~lightning_ldb.distributed.LocalSync`).
 
 from __future__ import annotations
 
-from typing import Any, Optional, cast
+from typing import Any, cast
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -56,7 +56,9 @@ def strategy_sync(trainer: Trainer, pl_module: LightningModule, settings: Settin
     if type(strategy) is SingleDeviceStrategy:
         return LocalSync()
     if wraps_in_ddp(strategy):
-        accumulate = settings.batch_scale if settings.batch_scaling == "accumulate" and settings.batch_scale > 1 else None
+        accumulate = (
+            settings.batch_scale if settings.batch_scaling == "accumulate" and settings.batch_scale > 1 else None
+        )
         sync = DDPStrategySync(trainer, settings.resample, settings.communication, accumulate)
     elif isinstance(strategy, ModelParallelStrategy):
         sync = FSDP2StrategySync(trainer, settings.resample)
@@ -152,7 +154,7 @@ class DDPStrategySync(_StrategySync):
     """
 
     def __init__(
-        self, trainer: Trainer, resample: str, communication: str = "auto", accumulate: Optional[int] = None
+        self, trainer: Trainer, resample: str, communication: str = "auto", accumulate: int | None = None
     ) -> None:
         super().__init__(trainer, resample)
         self.resample = resample
@@ -160,9 +162,9 @@ class DDPStrategySync(_StrategySync):
         self.accumulate = accumulate
         self.method = "rewrap"
         # The trainable parameters the current wrapper reduces, and that wrapper; ``None``: unknown.
-        self._wrapped_trainable: Optional[tuple[int, ...]] = None
-        self._wrapper: Optional[DistributedDataParallel] = None
-        self._hooked_wrapper: Optional[DistributedDataParallel] = None
+        self._wrapped_trainable: tuple[int, ...] | None = None
+        self._wrapper: DistributedDataParallel | None = None
+        self._hooked_wrapper: DistributedDataParallel | None = None
 
     def setup(self, pl_module: LightningModule, undo: UndoList) -> None:
         """Choose the communication method and configure DDP before it wraps the model.
