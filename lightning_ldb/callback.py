@@ -1,12 +1,12 @@
-"""``LayerDropBackCallback``: LDB under Lightning's Trainer, as a thin adapter over :class:`~lightning_ldb.LayerDropBack`.
+"""``LayerDropBackCallback``: LDB under Lightning's Trainer, driving one :class:`~lightning_ldb.LayerDropBack` per fit.
 
-The engine does everything LDB does to the model and its optimizers. The callback holds the configuration and the
-checkpoint state, and per fit (``setup`` to ``teardown``, or the exception) one :class:`_Fit`: the engine, the strategy
-adapter (:mod:`lightning_ldb.strategies`), the train-loader reload (:mod:`lightning_ldb.datamodule`), the epoch timer
-and an undo list of every change made to the trainer, the strategy or the data source. Nothing of one fit leaks
-into the next or into the user's objects.
+The engine does everything LDB does to the model and its optimizers. The callback holds the configuration (one
+:class:`~lightning_ldb.Settings`) and the checkpoint state, and per fit (``setup`` to ``teardown``, or the exception)
+one :class:`_Fit`: the engine, the strategy's ``Sync`` (:mod:`lightning_ldb.strategies`), the train-loader reload or
+the accumulation (:mod:`lightning_ldb.batching`), the epoch timer and an undo list of every change made to the
+trainer, the strategy or the data source. Nothing of one fit leaks into the next or into the user's objects.
 
-Which hook does what: ``setup`` creates the fit (the adapter configures the strategy before it wraps the model);
+Which hook does what: ``setup`` creates the fit (the strategy's sync configures it before it wraps the model);
 ``on_fit_start`` lists the units again (``configure_model`` has run); ``on_train_start`` hooks the optimizers;
 ``on_train_epoch_start`` enters the epoch; ``on_train_batch_start`` draws (after every callback's epoch start, so a
 layer another callback froze there is not a candidate); ``on_train_epoch_end`` logs ``ldb/*`` and releases.

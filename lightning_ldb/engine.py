@@ -3,7 +3,7 @@
 The engine owns one model's LDB state: the droppable units and the candidates among them, the seed and the draws,
 the freezing (and, in block mode, the detaching), the learning-rate scaling inside ``optimizer.step()``, the batch
 size of an epoch, and its ``state_dict``. It imports torch, never Lightning, so that a plain PyTorch loop, a Fabric
-script and the Trainer (through :class:`~lightning_ldb.LayerDropBackCallback`, a thin adapter over it) all run the
+script and the Trainer (through :class:`~lightning_ldb.LayerDropBackCallback`, which drives it) all run the
 same code, and the same seed gives the same draws in each.
 
 One DROP epoch, top to bottom: ``LayerDropBack._start_epoch`` sets the mode and the LR scale;
