@@ -442,7 +442,8 @@ def test_stochastic_depth_rejects_networks_without_identity_blocks():
 
 
 # ---------------------------------------------------------------------------------------------- presets
-def test_presets_are_configs_users_can_copy():
+def test_presets_are_configs_users_can_copy(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["ldb-bench"])  # LightningCLI warns when pytest's own arguments are there too
     for path in sorted((ROOT / "configs" / "bench").glob("*.yaml")):
         bench = cli.BenchCLI(["--config", str(path), "--trainer.accelerator=cpu"])
         assert bench.config["epochs"] and bench.config["repeats"], path
@@ -723,7 +724,8 @@ def test_a_named_out_holding_a_report_is_refused_before_any_run(tmp_path, capsys
     assert (tmp_path / "out" / "report.json").read_text() == "{}"
 
 
-def test_help_lists_ldb_benchs_own_options_first_and_what_quick_runs(capsys):
+def test_help_lists_ldb_benchs_own_options_first_and_what_quick_runs(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["ldb-bench"])  # LightningCLI warns when pytest's own arguments are there too
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     text = capsys.readouterr().out

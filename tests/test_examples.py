@@ -37,14 +37,7 @@ from lightning_ldb.examples.finetune import weights_cache_path  # noqa: E402
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # These CPU steps are tiny; on a busy 2-core machine two intra-op threads oversubscribe the cores
-    # (measured 15x slower per step than one thread under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def offline_weights(*args, **kwargs):

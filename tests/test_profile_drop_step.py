@@ -19,14 +19,7 @@ from lightning_ldb.bench import drop_step
 from lightning_ldb.bench.profile import count_flops, profile, render
 from lightning_ldb.bench.runner import BenchOptions, Setup
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread, as the bench presets run: two threads on the shared 2-core machine spin for 50x longer."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class TinyViT(LightningModule):

@@ -33,7 +33,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -41,8 +41,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_ldb import LayerDropBackCallback
 from lightning_ldb.bench import drop_step
-from lightning_ldb.bench.runner import BenchOptions, Setup, environment, kept_callbacks, residual_branches, run_on_gpu
+from lightning_ldb.bench.setups import Setup, batch_length, environment, kept_callbacks, residual_branches, run_on_gpu
 from lightning_ldb.dropping import BranchInputDetacher, ParameterFreezer
+
+
+class ProfiledOptions(Protocol):
+    """What the profile reads of an invocation's settings (:class:`~lightning_ldb.bench.runner.BenchOptions` has it)."""
+
+    name: str
+    seed: int
+    ldb: dict[str, Any]
 
 
 class _Batches:
@@ -113,7 +121,7 @@ def drop_candidates(build: Callable[[], Setup], ldb: Mapping[str, Any]) -> dict[
     """What a DROP step may drop, found through the public API only; ONE place, to swap for a newer API.
 
     Weights mode: the callback's ``candidate_layers`` after a one-step fit (module names, or parameter names
-    with ``granularity="parameter"``). Block mode: the engine's branches (:func:`~lightning_ldb.bench.runner.residual_branches`) for the branches'
+    with ``granularity="parameter"``). Block mode: the engine's branches (:func:`~lightning_ldb.bench.setups.residual_branches`) for the branches'
     members, restricted to the block-mode callback's ``candidate_layers`` (``None`` when there is no branch).
 
     Returns:
@@ -363,7 +371,7 @@ def measure_drop_steps(
 
 def profile(
     build: Callable[[], Setup],
-    options: BenchOptions,
+    options: ProfiledOptions,
     steps: int = 5,
     about: Optional[Mapping[str, Any]] = None,
     clock: drop_step.Clock | None = None,
@@ -371,7 +379,7 @@ def profile(
     """Measure the ceiling of LDB's saving on a freshly built setup; return the ``ldb-profile/1`` dict.
 
     Args:
-        build: Returns a fresh :class:`~lightning_ldb.bench.runner.Setup`.
+        build: Returns a fresh :class:`~lightning_ldb.bench.setups.Setup`.
         options: Its ``ldb`` settings (``drop_rate``, ``batch_scale``, ...) and ``name``.
         steps: Timed steps per batch size, after as many warm-up steps; and timed full and DROP steps per
             measured DROP-step fit, after one warm-up step of each.
@@ -452,7 +460,6 @@ def profile(
 
 
 def _size(batch: Any) -> int:
-    from lightning_ldb.bench.runner import batch_length
 
     size = batch_length(batch)
     if size is None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
-import platform
 import random
 import time
 from collections.abc import Mapping, Sequence
@@ -34,13 +33,14 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
-from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, LearningRateMonitor, ModelSummary, ProgressBar
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_ldb import LayerDropBack, LayerDropBackCallback, LDBDataModuleMixin, Settings
+from lightning_ldb import LayerDropBackCallback, LDBDataModuleMixin, Settings
+from lightning_ldb.bench import profile as profiling
 from lightning_ldb.bench import report
 from lightning_ldb.bench.data import derived_seed
 from lightning_ldb.bench.peers import ProgressiveFreezing, add_stochastic_depth, identity_blocks
+from lightning_ldb.bench.setups import Setup, batch_length, environment, kept_callbacks, residual_branches, run_on_gpu
 
 #: The paper's LDB settings (section 4.3.3), the library's defaults: p = 0.3, a DROP epoch every second epoch, LR and
 #: batch x2, the first four layers and the last one always trained.
@@ -70,11 +70,6 @@ VARIANTS: dict[str, tuple[Optional[dict[str, Any]], str]] = {
 #: What runs unless ``variants`` says otherwise (``ldb-block`` only where block mode finds residual branches).
 DEFAULT_VARIANTS = ("baseline", "ldb", "batch-only", "ldb-block")
 
-#: The user's callbacks a benchmark run leaves out: LDB (each variant brings its own), writing to disk,
-#: stopping early, needing a logger, or printing (the benchmark prints its own lines).
-_LEFT_OUT = (LayerDropBackCallback, Checkpoint, EarlyStopping, LearningRateMonitor, ProgressBar, ModelSummary)
-_LEFT_OUT_NAMES = ("EpochSummary",)
-
 #: Trainer arguments the benchmark sets itself (the rest, accelerator/devices/precision/strategy included, are kept).
 _BENCH_TRAINER = {
     "logger": False,
@@ -90,21 +85,6 @@ _BENCH_TRAINER = {
     "max_time": None,
     "fast_dev_run": False,
 }
-
-
-@dataclass
-class Setup:
-    """What one run trains, built afresh for every run.
-
-    Args:
-        model: The LightningModule.
-        datamodule: Its DataModule, or ``None`` if the module has its own loaders.
-        trainer_kwargs: The user's ``Trainer`` arguments (``callbacks`` included).
-    """
-
-    model: LightningModule
-    datamodule: Optional[LightningDataModule] = None
-    trainer_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -162,22 +142,6 @@ def mixin_note(setup: Setup) -> str:
     )
 
 
-def residual_branches(model: Any, branches: Any = None) -> list[Any]:
-    """The residual branches block mode finds in ``model`` (``[]`` if none, or if ``branches=`` does not fit it).
-
-    Each has ``name``, ``entry`` (the module whose input a dropped branch gets detached) and ``parameters``: the
-    engine's block-mode units with nothing kept, read through the public :class:`~lightning_ldb.LayerDropBack`.
-    """
-    try:
-        ldb = LayerDropBack(model, backward="block", branches=branches, keep_first=0, keep_last=0, seed=0)
-    except (TypeError, ValueError):  # no branch, or a user's branches= that does not fit: no block mode
-        return []
-    try:
-        return list(ldb.candidates)
-    finally:
-        ldb.close()
-
-
 def applicable_variants(setup: Setup, ldb: Mapping[str, Any]) -> dict[str, Optional[str]]:
     """Each variant's reason not to apply to ``setup`` (``None``: it applies)."""
     found = residual_branches(setup.model, ldb.get("branches"))
@@ -227,18 +191,6 @@ def variant_names(names: Sequence[str]) -> tuple[str, ...]:
 def _sync(module: LightningModule) -> None:
     if module.device.type == "cuda":
         torch.cuda.synchronize(module.device)
-
-
-def batch_length(batch: Any) -> Optional[int]:
-    """The number of samples in ``batch``: the first dimension of its first tensor (``None`` if it has none)."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() else None
-    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
-    for value in values:
-        length = batch_length(value)
-        if length is not None:
-            return length
-    return None
 
 
 def is_validation_metric(name: str) -> bool:
@@ -345,19 +297,6 @@ class EpochClock(Callback):
 
 
 # ---------------------------------------------------------------------------------------------- the runs
-def kept_callbacks(callbacks: Any) -> tuple[list[Callback], list[str]]:
-    """The user's callbacks a benchmark run keeps, and the class names of those it leaves out."""
-    if callbacks is None:
-        return [], []
-    kept, left_out = [], []
-    for callback in callbacks if isinstance(callbacks, Sequence) else [callbacks]:
-        if isinstance(callback, _LEFT_OUT) or type(callback).__name__ in _LEFT_OUT_NAMES:
-            left_out.append(type(callback).__name__)
-        else:
-            kept.append(callback)
-    return kept, left_out
-
-
 def bench_trainer_kwargs(user: Mapping[str, Any], options: BenchOptions, callbacks: list[Callback]) -> dict[str, Any]:
     """The ``Trainer`` arguments of one run: the user's, with the benchmark's epochs, limits and no disk output."""
     kwargs = {key: value for key, value in user.items() if key != "callbacks"}
@@ -490,7 +429,6 @@ def measure_profile(
         return dict(profile)
     if not profile or not any(v in report.BOUNDED for v in options.variants):
         return None
-    from lightning_ldb.bench import profile as profiling  # it imports this module
 
     log(f"[profile] {options.name}: a few steps, the ceiling the verdicts are bounded by")
     try:
@@ -534,37 +472,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}
     return getattr(value, "__qualname__", repr(value))
-
-
-def run_on_gpu(about: Mapping[str, Any]) -> bool:
-    """Whether the runs described by ``about`` (its ``accelerator``) use a CUDA GPU."""
-    accelerator = str(about.get("accelerator", "auto"))
-    return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-
-
-def environment(on_gpu: bool = False) -> dict[str, Any]:
-    """The machine and versions the benchmark ran on, from ``torch.utils.collect_env``, and the load average."""
-    import lightning
-    from torch.utils import collect_env
-
-    cpu_info = collect_env.get_cpu_info(collect_env.run) or ""
-    cpu = next((line.split(":", 1)[1].strip() for line in cpu_info.splitlines() if line.startswith("Model name")), "")
-    try:
-        load: Optional[float] = round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        load = None
-    return {
-        "device": f"CUDA {torch.cuda.get_device_name(0)}" if on_gpu else "CPU",
-        "cpu": cpu or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "os": collect_env.get_os(collect_env.run),
-        "load_average_1min": load,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "lightning": lightning.__version__,
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-    }
 
 
 # ---------------------------------------------------------------------------------------------- Python entry point
