@@ -96,9 +96,16 @@ class LayerDropBack:
         >>> ldb = LayerDropBack(model, optimizer, drop_rate=0.5, every=2, keep_first=1, keep_last=1, seed=3)
         >>> ldb.batch_size(32, epoch=2)
         64
-        >>> with ldb.epoch(2):
-        ...     ldb.mode, ldb.dropped_layers
-        ('drop', ('3', '4'))
+        >>> x = torch.randn(8, 4)
+        >>> for epoch in range(3):
+        ...     with ldb.epoch(epoch):
+        ...         optimizer.zero_grad()
+        ...         model(x).sum().backward()
+        ...         optimizer.step()
+        ...         print(epoch, ldb.mode, ldb.dropped_layers)
+        0 full ()
+        1 full ()
+        2 drop ('3', '4')
         >>> all(p.requires_grad for p in model.parameters())  # restored on exit
         True
     """
