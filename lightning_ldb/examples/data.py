@@ -14,8 +14,8 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_ldb import LDBDataModuleMixin
-from lightning_ldb.examples._checks import check_choice, check_float, check_int
 from lightning_ldb.examples._deps import require
+from lightning_ldb.schedule import check_choice, check_float, check_int
 
 tv_datasets = require("torchvision.datasets")
 tv_transforms = require("torchvision.transforms")

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_ldb.examples._checks import check_choice, check_int
 from lightning_ldb.examples._deps import require
 from lightning_ldb.examples.models import ImageClassifier
+from lightning_ldb.schedule import check_choice, check_int
 
 tv_models = require("torchvision.models")
 

@@ -28,8 +28,8 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 
-from lightning_ldb.examples._checks import check_choice, check_float, check_int
 from lightning_ldb.examples._deps import require
+from lightning_ldb.schedule import check_choice, check_float, check_int
 
 tv_models = require("torchvision.models")
 torchmetrics_classification = require("torchmetrics.classification")

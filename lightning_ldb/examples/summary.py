@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from dataclasses import dataclass
 from statistics import mean
 from typing import Any, Optional
@@ -12,6 +10,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 
 from lightning_ldb import LayerDropBackCallback
+from lightning_ldb.callback import EpochTimer
 
 
 @dataclass
@@ -209,33 +208,3 @@ def _fmt(value: Any, spec: str) -> str:
 
 def _ldb_callback(trainer: Trainer) -> Optional[LayerDropBackCallback]:
     return next((cb for cb in trainer.callbacks if isinstance(cb, LayerDropBackCallback)), None)
-
-
-class EpochTimer:
-    """Seconds of a training epoch, validation inside the epoch excluded (no device synchronisation)."""
-
-    def __init__(self) -> None:
-        self._elapsed = 0.0
-        self._start: Optional[float] = None
-        self._paused_at: Optional[float] = None
-        self._paused = 0.0
-
-    def start(self) -> None:
-        self._elapsed, self._paused, self._paused_at = 0.0, 0.0, None
-        self._start = time.perf_counter()
-
-    def pause(self) -> None:
-        if self._start is not None:
-            self._paused_at = time.perf_counter()
-
-    def resume(self) -> None:
-        if self._paused_at is not None:
-            self._paused += time.perf_counter() - self._paused_at
-            self._paused_at = None
-
-    def stop(self) -> float:
-        """The epoch's seconds so far, validation excluded (``0.0`` if it never started)."""
-        if self._start is not None:
-            self.resume()
-            self._elapsed = time.perf_counter() - self._start - self._paused
-        return self._elapsed

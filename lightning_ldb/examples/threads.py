@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 
-from lightning_ldb.examples._checks import check_int
+from lightning_ldb.schedule import check_int
 
 
 class TorchThreads(Callback):
