@@ -21,8 +21,7 @@ from typing import Any
 
 from lightning_ldb.bench.report import speedup, summarize
 
-#: Names imported on first use: ``lightning_ldb.examples`` imports :mod:`~lightning_ldb.bench.report`, and
-#: the presets' model builds on the examples' classifier.
+#: Names imported on first use (the runs, the presets' data and model, the peers).
 _LAZY = {
     "BenchClassifier": "lightning_ldb.bench.workloads",
     "BenchDataModule": "lightning_ldb.bench.data",

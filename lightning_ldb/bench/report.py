@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_ldb.bench import stats
+from lightning_ldb.examples import speedup
 
 #: The epoch modes recorded per epoch (the callback's ``mode``).
 DROP, FULL = "drop", "full"
@@ -33,30 +34,6 @@ CLOCK_NAMES = {"wall": "wall-clock time", "cpu": "this process's CPU time"}
 #: ``ldb-block`` their own mode's floor; the others, which take only part of LDB, the looser of the weights
 #: floor and the dropping alone at the base batch (``1 - ceiling``).
 BOUNDED = {"ldb": "weights", "ldb-block": "block", "batch-only": "part", "drop-only": "part", "ldb-accumulate": "part"}
-
-
-def speedup(ldb_seconds: float, baseline_seconds: float) -> float:
-    """The relative time saved against the baseline: ``1 - ldb_seconds / baseline_seconds``.
-
-    Args:
-        ldb_seconds: Training time of the measured run.
-        baseline_seconds: Training time of the baseline run.
-
-    Raises:
-        ValueError: If ``baseline_seconds`` is not positive or ``ldb_seconds`` is negative.
-
-    Example::
-
-        >>> speedup(75.0, 100.0)
-        0.25
-        >>> speedup(110.0, 100.0)  # slower than the baseline: a negative speed-up
-        -0.1
-    """
-    if not baseline_seconds > 0:
-        raise ValueError(f"`baseline_seconds` must be > 0, got {baseline_seconds!r}.")
-    if ldb_seconds < 0:
-        raise ValueError(f"`ldb_seconds` must be >= 0, got {ldb_seconds!r}.")
-    return round(1.0 - ldb_seconds / baseline_seconds, 12)
 
 
 def spread(values: Sequence[float]) -> dict[str, float] | None:

@@ -4,7 +4,7 @@ Needs the ``examples`` extra (``pip install 'lightning-ldb[examples]'``). Everyt
 class path from the ``ldb`` CLI and its YAML configs, e.g. ``lightning_ldb.examples.ImageClassifier``.
 """
 
-from lightning_ldb.examples.compare import Comparison, RunMetrics, compare_runs, read_run
+from lightning_ldb.examples.compare import Comparison, RunMetrics, compare_runs, read_run, speedup
 from lightning_ldb.examples.data import CIFAR10DataModule, CIFAR100DataModule, DigitsDataModule
 from lightning_ldb.examples.finetune import FINETUNE_MODEL_NAMES, FineTuneClassifier, build_finetune_model
 from lightning_ldb.examples.models import MODEL_NAMES, ImageClassifier, build_model
@@ -28,4 +28,5 @@ __all__ = [
     "build_model",
     "compare_runs",
     "read_run",
+    "speedup",
 ]

@@ -15,7 +15,7 @@ from typing import Union
 
 
 def speedup(ldb_seconds: float, baseline_seconds: float) -> float:
-    """The relative time saved against the baseline: ``1 - ldb_seconds / baseline_seconds`` (as ``ldb-bench``'s).
+    """The relative time saved against the baseline: ``1 - ldb_seconds / baseline_seconds`` (as ``ldb-bench`` reports it).
 
     Args:
         ldb_seconds: Training time of the measured run.
